@@ -1,0 +1,111 @@
+"""HTTP helpers for the integration tests: plain and streamed completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPT = "the cat says"
+
+
+def body(model: str, max_tokens: int, **extra) -> dict:
+    return {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 1,
+        **extra,
+    }
+
+
+async def complete(c: httpx.AsyncClient, model: str, max_tokens: int, **extra) -> dict:
+    r = await c.post("/v1/completions", json=body(model, max_tokens, **extra))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+@dataclass
+class Stream:
+    """A streamed completion running in the background."""
+
+    model: str
+    max_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
+    tokens: int = 0
+    logprobs: int = 0
+    finish_reason: str | None = None
+    usage: dict | None = None
+    chunks: list[float] = field(default_factory=list)
+    task: asyncio.Task | None = None
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self, c: httpx.AsyncClient, **extra) -> Stream:
+        self.task = asyncio.create_task(self._run(c, extra))
+        return self
+
+    async def _run(self, c: httpx.AsyncClient, extra: dict) -> None:
+        # 16 tokens a chunk: the client (on the same 2 cores) keeps pace with the engine,
+        # so "the client saw tokens" implies "the engine is still generating".
+        req = body(self.model, self.max_tokens, stream=True, stream_interval=16, **extra)
+        req["stream_options"] = {"include_usage": True}
+        async with c.stream("POST", "/v1/completions", json=req) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                # A reader whose socket always has data never suspends; yield so one
+                # fast stream cannot starve the other requests of this client.
+                await asyncio.sleep(0)
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    self.text += choice.get("text", "")
+                    self.token_ids += choice.get("token_ids") or []
+                    if choice.get("prompt_token_ids") and self.prompt_token_ids is None:
+                        self.prompt_token_ids = choice["prompt_token_ids"]
+                    lp = choice.get("logprobs") or {}
+                    self.logprobs += len(lp.get("token_logprobs") or [])
+                    self.tokens += len(lp.get("tokens") or [])
+                    if choice.get("finish_reason"):
+                        self.finish_reason = choice["finish_reason"]
+                self.chunks.append(asyncio.get_running_loop().time())
+                self._progress.set()
+
+    async def wait_tokens(self, n: int, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while self.tokens < n:
+                assert self.task is not None
+                if self.task.done():
+                    self.task.result()
+                    raise AssertionError(f"stream ended after {self.tokens} tokens, wanted {n}")
+                self._progress.clear()
+                await self._progress.wait()
+
+    async def result(self, timeout: float = 120) -> Stream:
+        assert self.task is not None
+        await asyncio.wait_for(self.task, timeout)
+        return self
+
+
+async def loras(c: httpx.AsyncClient) -> dict[str, dict]:
+    r = await c.get("/skyrl/v1/loras")
+    assert r.status_code == 200
+    return {a["lora_name"]: a for a in r.json()["adapters"]}
+
+
+async def post(c: httpx.AsyncClient, path: str, payload: dict, status: int = 200) -> dict:
+    r = await c.post(f"/skyrl/v1/{path}", json=payload)
+    assert r.status_code == status, (r.status_code, r.text)
+    return r.json()

@@ -1,0 +1,220 @@
+"""Stitch one caller-visible generation out of several engine segments.
+
+A request stopped by a lora pause in mode ``keep`` is continued after resume from
+``prompt + tokens so far`` with the remaining ``max_tokens``. The caller must see one
+response whose tokens, text and logprobs are the concatenation, in whatever
+``RequestOutputKind`` it asked for. This module holds that bookkeeping, free of I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+ABORT = "abort"
+
+
+@dataclass
+class Span:
+    """Tokens ``[start, end)`` of one sample were produced by adapter version ``version``."""
+
+    version: int
+    start: int
+    end: int
+
+
+@dataclass
+class Sample:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    text: str = ""
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    spans: list[Span] = field(default_factory=list)
+    interrupted: bool = False
+    # State at the start of the running segment (for cumulative output kinds).
+    base_tokens: int = 0
+    base_text: int = 0
+    base_cum: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None and not self.interrupted
+
+    def start_segment(self) -> None:
+        self.base_tokens = len(self.token_ids)
+        self.base_text = len(self.text)
+        self.base_cum = self.cumulative_logprob or 0.0
+        self.interrupted = False
+
+    def add_span(self, version: int, start: int, end: int) -> None:
+        if end <= start:
+            return
+        if self.spans and self.spans[-1].version == version and self.spans[-1].end == start:
+            self.spans[-1].end = end
+        else:
+            self.spans.append(Span(version, start, end))
+
+
+class Stitcher:
+    """Accumulates segment outputs of one request and says what the caller sees."""
+
+    def __init__(self, request_id: str, params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.kind = params.output_kind
+        self.max_tokens = params.max_tokens
+        self.min_tokens = params.min_tokens
+        self.samples = [Sample(i) for i in range(params.n)]
+        self.prompt: str | None = None
+        self.prompt_token_ids: list[int] | None = None
+        self.prompt_logprobs = None
+        self.num_cached_tokens: int | None = None
+        self.first: RequestOutput | None = None
+        self._emitted = False
+
+    # ---- segments -----------------------------------------------------------------
+    def start_segment(self, indices: list[int]) -> None:
+        for g in indices:
+            self.samples[g].start_segment()
+
+    def to_continue(self) -> list[int]:
+        return [s.index for s in self.samples if s.interrupted]
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.samples)
+
+    def remaining(self, index: int) -> int | None:
+        if self.max_tokens is None:
+            return None
+        return self.max_tokens - len(self.samples[index].token_ids)
+
+    def continuation_prompt(self, index: int) -> list[int]:
+        if self.prompt_token_ids is None:
+            raise RuntimeError("no prompt token ids were seen; cannot continue")
+        return [*self.prompt_token_ids, *self.samples[index].token_ids]
+
+    def continuation_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        """The original params, for one sample, with what is left of its budget."""
+        cont = params.clone()
+        cont.n = 1
+        cont.max_tokens = self.remaining(index)
+        cont.min_tokens = max(0, (self.min_tokens or 0) - len(self.samples[index].token_ids))
+        cont.prompt_logprobs = None
+        cont.truncate_prompt_tokens = None
+        return cont
+
+    # ---- absorbing engine outputs --------------------------------------------------
+    def absorb(
+        self, out: RequestOutput, index: int | None, version: int, continuing: bool
+    ) -> RequestOutput | None:
+        """Take one engine output (``index`` maps a continuation's only sample; None for
+        the first segment); return what the caller should receive now, if anything.
+
+        ``continuing``: an ``abort`` finish is a keep-mode interruption, not an end.
+        """
+        if self.first is None:
+            self.first = out
+            self.prompt = out.prompt
+            self.prompt_token_ids = list(out.prompt_token_ids or []) or None
+            self.prompt_logprobs = out.prompt_logprobs
+            self.num_cached_tokens = out.num_cached_tokens
+        shown: list[CompletionOutput | None] = []
+        for c in out.outputs:
+            s = self.samples[c.index if index is None else index]
+            before = len(s.token_ids)
+            new_ids = list(c.token_ids)
+            if c.logprobs is not None and s.logprobs is None:
+                s.logprobs = []
+            if self.kind == RequestOutputKind.DELTA:
+                s.token_ids.extend(new_ids)
+                s.text += c.text
+                if c.logprobs is not None:
+                    s.logprobs.extend(c.logprobs)
+            else:
+                s.token_ids[s.base_tokens :] = new_ids
+                s.text = s.text[: s.base_text] + c.text
+                if c.logprobs is not None:
+                    s.logprobs[s.base_tokens :] = list(c.logprobs)
+            if c.cumulative_logprob is not None:
+                s.cumulative_logprob = s.base_cum + c.cumulative_logprob
+            s.add_span(version, before, len(s.token_ids))
+            s.stop_reason = c.stop_reason
+            if c.finish_reason == ABORT and continuing:
+                if self.remaining(s.index) == 0:
+                    s.finish_reason = "length"
+                else:
+                    s.interrupted = True
+                    s.finish_reason = None
+            else:
+                s.finish_reason = c.finish_reason
+            shown.append(self._view(s, c, new_ids))
+        if index is None and not any(s.interrupted for s in self.samples):
+            # Nothing was stopped: the engine's own output is exactly what the caller
+            # would have seen without us (all its fields kept, nothing rebuilt).
+            self._emitted = True
+            return out
+        return self._emit([c for c in shown if c is not None])
+
+    def give_up(self) -> RequestOutput | None:
+        """End every interrupted sample with ``abort`` (resume never came)."""
+        shown = []
+        for s in self.samples:
+            if s.interrupted:
+                s.interrupted = False
+                s.finish_reason = ABORT
+                shown.append(
+                    self._completion(s)
+                    if self.kind != RequestOutputKind.DELTA
+                    else self._completion(s, token_ids=[], text="", logprobs=[])
+                )
+        return self._emit(shown)
+
+    # ---- views --------------------------------------------------------------------
+    def _view(self, s: Sample, c: CompletionOutput, new_ids: list[int]) -> CompletionOutput | None:
+        if self.kind == RequestOutputKind.FINAL_ONLY:
+            return None
+        if self.kind == RequestOutputKind.DELTA:
+            if s.interrupted and not new_ids:
+                return None
+            return self._completion(s, token_ids=new_ids, text=c.text, logprobs=c.logprobs)
+        return self._completion(s)
+
+    def _completion(self, s: Sample, **delta) -> CompletionOutput:
+        return CompletionOutput(
+            index=s.index,
+            text=delta.get("text", s.text),
+            token_ids=delta.get("token_ids", list(s.token_ids)),
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=delta.get("logprobs", s.logprobs),
+            finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason if s.finish_reason not in (None, ABORT) else None,
+        )
+
+    def _emit(self, shown: list[CompletionOutput]) -> RequestOutput | None:
+        if self.kind == RequestOutputKind.FINAL_ONLY:
+            if not self.done:
+                return None
+            shown = [self._completion(s) for s in self.samples]
+        if not shown:
+            return None
+        first_view = not self._emitted
+        self._emitted = True
+        delta = self.kind == RequestOutputKind.DELTA
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            # Streaming (delta) outputs carry prompt details only once, as vLLM's do.
+            prompt_token_ids=self.prompt_token_ids if (first_view or not delta) else None,
+            prompt_logprobs=self.prompt_logprobs if (first_view or not delta) else None,
+            outputs=shown,
+            finished=self.done,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+    def spans(self) -> list[list[Span]]:
+        return [list(s.spans) for s in self.samples]

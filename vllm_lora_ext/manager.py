@@ -1,0 +1,337 @@
+"""The one object that owns the lora-aware behaviour of a server.
+
+It wraps the engine client's ``generate`` so that every request naming one of our
+adapters is (1) held while its adapter is paused, (2) leased to one adapter version for
+its whole life, (3) continued server-side when a ``keep`` pause stopped it, and (4)
+released on every exit path. The routes call :meth:`load`, :meth:`pause`,
+:meth:`resume` and :meth:`abort`; the bookkeeping itself lives in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncGenerator, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from vllm.exceptions import GracefulHTTPError
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+from vllm.utils.async_utils import merge_async_iterators
+
+from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.continuation import Stitcher
+from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
+from vllm_lora_ext.registry import Flight, PauseMode, Registry, Version
+from vllm_lora_ext.validation import check_adapter_dir
+
+logger = logging.getLogger("vllm.lora_ext")
+
+_POLL_S = 0.02
+
+
+def lora_request_of(version: Version) -> LoRARequest:
+    """The engine-side request of one version: its own name and id, never shared."""
+    return LoRARequest(
+        lora_name=version.internal_name, lora_int_id=version.lora_int_id, lora_path=version.path
+    )
+
+
+class LoraManager:
+    def __init__(self, engine: Any, config: LoraExtConfig, serving_models: Any = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.serving_models = serving_models
+        self.registry = Registry(config.keep_versions, config.lora_id_base)
+        lora_config = getattr(engine.vllm_config, "lora_config", None)
+        self.max_lora_rank: int | None = getattr(lora_config, "max_lora_rank", None)
+        self.counters: Counter[str] = Counter()
+        self._inner_generate = engine.generate
+        self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._resumed: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._installed = False
+
+    # ---- life cycle ---------------------------------------------------------------
+    def install(self) -> None:
+        """Route the engine client's ``generate`` (used by every OpenAI route) through us."""
+        if not self._installed:
+            self.engine.generate = self.generate
+            self._installed = True
+
+    async def adopt_static_adapters(self) -> None:
+        """Take over adapters given by ``--lora-modules`` as their version 1."""
+        if self.serving_models is None:
+            return
+        for name, req in list(self.serving_models.lora_requests.items()):
+            await self.load(name, req.lora_path)
+            await self.engine.remove_lora(req.lora_int_id)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._installed:
+            self.engine.generate = self._inner_generate
+            self._installed = False
+        for event in self._resumed.values():
+            event.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- adapters -----------------------------------------------------------------
+    async def load(self, name: str, path: str) -> Version:
+        """Load ``path`` as the new current version of ``name``; old versions keep
+        serving the requests that started on them. Loads of one name are serialized."""
+        if self.serving_models is not None and self.serving_models.is_base_model(name):
+            raise LoraExtError(f"adapter name '{name}' collides with the base model name")
+        await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank)
+        async with self._load_locks[name]:
+            version = self.registry.new_version(name, path)
+            started = time.monotonic()
+            try:
+                await self.engine.add_lora(lora_request_of(version))
+            except Exception as e:  # the engine refused the weights: nothing changes
+                await self._forget_in_engine(version)
+                self.counters["load_failed"] += 1
+                raise InvalidAdapterError(
+                    f"engine refused adapter '{name}' from '{path}': {e}"
+                ) from e
+            retire = self.registry.commit(version)
+            self._resumed.setdefault(name, _set_event())
+            if self.serving_models is not None:
+                # The public alias the OpenAI routes resolve `model=name` to; the
+                # wrapped generate swaps it for the version the request is leased to.
+                self.serving_models.lora_requests[name] = LoRARequest(
+                    lora_name=name, lora_int_id=version.lora_int_id, lora_path=path
+                )
+            self.counters["loads"] += 1
+            logger.info(
+                "lora_ext load name=%s version=%d path=%s latency_ms=%.1f",
+                name,
+                version.number,
+                path,
+                1000 * (time.monotonic() - started),
+            )
+        self._retire(retire)
+        return version
+
+    async def _forget_in_engine(self, version: Version) -> None:
+        try:
+            await self.engine.remove_lora(version.lora_int_id)
+        except Exception:  # it was never there
+            pass
+
+    def _retire(self, versions: Iterable[Version]) -> None:
+        """Remove idle versions outside the window; dropped from the registry first, so
+        no request can lease a version while its engine copy is being removed."""
+        versions = list(versions)
+        for v in versions:
+            self.registry.drop(v)
+        if versions:
+            self._spawn(self._remove_from_engine(versions))
+
+    async def _remove_from_engine(self, versions: list[Version]) -> None:
+        for v in versions:
+            try:
+                await self.engine.remove_lora(v.lora_int_id)
+                self.counters["retired"] += 1
+            except Exception:
+                logger.exception("lora_ext failed to remove %s from the engine", v.internal_name)
+
+    # ---- pause / resume / abort -----------------------------------------------------
+    async def pause(self, name: str | None, mode: PauseMode, timeout_s: float | None) -> dict:
+        if name is None:
+            await self.engine.pause_generation(mode=mode)
+            return {"lora_name": None, "paused": True, "mode": mode}
+        flights = self.registry.pause(name, mode)
+        self._resumed[name].clear()
+        result: dict[str, Any] = {"lora_name": name, "paused": True, "mode": mode}
+        if mode in ("abort", "keep"):
+            result["interrupted"] = await self._abort_in_engine(name)
+            self.counters["continued" if mode == "keep" else "aborted"] += len(flights)
+        else:
+            deadline = time.monotonic() + (timeout_s or self.config.drain_timeout_s)
+            while self.registry.in_flight(name):
+                if time.monotonic() > deadline:
+                    left = self.registry.in_flight(name)
+                    self.resume(name)  # a failed pause leaves the adapter serving
+                    raise AdapterBusyError(
+                        f"adapter '{name}' still had {left} request(s) in flight after "
+                        f"{timeout_s or self.config.drain_timeout_s}s; pause undone",
+                        status=504,
+                    )
+                await asyncio.sleep(_POLL_S)
+        return result
+
+    def resume(self, name: str | None) -> dict:
+        self.registry.resume(name)
+        self._resumed[name].set()
+        return {"lora_name": name, "paused": False}
+
+    async def resume_global(self) -> dict:
+        await self.engine.resume_generation()
+        return {"lora_name": None, "paused": False}
+
+    async def abort(self, name: str) -> int:
+        """Abort every in-flight request of ``name``; returns their number."""
+        adapter = self.registry.get(name)
+        for flight in adapter.flights.values():
+            flight.interrupt = "abort"
+        aborted = await self._abort_in_engine(name)
+        self.counters["aborted"] += aborted
+        return aborted
+
+    async def _abort_in_engine(self, name: str) -> int:
+        """Abort the engine requests of ``name`` found in the output processor's states
+        (keyed by internal ids; n>1 parents are counted once)."""
+        owned = self.registry.internal_names(name)
+        ids: list[str] = []
+        requests: set[str] = set()
+        for rid, state in list(self.engine.output_processor.request_states.items()):
+            if state.lora_name in owned:
+                ids.append(rid)
+                parent = state.parent_req
+                requests.add(parent.request_id if parent is not None else rid)
+        if ids:
+            await self.engine.abort(ids, internal=True)
+        return len(requests)
+
+    def snapshot(self) -> list[dict]:
+        return self.registry.snapshot()
+
+    # ---- the wrapped generate -----------------------------------------------------------
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request: LoRARequest | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        name = self.registry.owner_of(lora_request.lora_name) if lora_request else None
+        if name is None:  # base model, or an adapter we do not manage
+            async for out in self._inner_generate(
+                prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
+            ):
+                yield out
+            return
+        await self._hold(name)
+        try:
+            flight = self.registry.admit(name, request_id)
+        except LoraExtError as e:
+            raise GracefulHTTPError(e.message, HTTPStatus(e.status)) from e
+        try:
+            async for out in self._run(flight, prompt, sampling_params, request_id, kwargs):
+                yield out
+        finally:
+            self._retire(self.registry.release(flight))
+
+    async def _hold(self, name: str) -> None:
+        """Hold a new request while its adapter is paused (bounded, then 503)."""
+        adapter = self.registry.get(name)
+        if not adapter.paused:
+            return
+        adapter.held += 1
+        self.counters["held"] += 1
+        try:
+            await asyncio.wait_for(self._wait_unpaused(name), self.config.hold_timeout_s)
+        except TimeoutError:
+            raise GracefulHTTPError(
+                f"adapter '{name}' is paused and was not resumed within "
+                f"{self.config.hold_timeout_s}s",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            ) from None
+        finally:
+            adapter.held -= 1
+
+    async def _wait_unpaused(self, name: str) -> None:
+        while self.registry.get(name).paused:
+            await self._resumed[name].wait()
+
+    async def _wait_for_resume(self, flight: Flight) -> bool:
+        """Wait until the flight's adapter is resumed; False if aborted or timed out."""
+        deadline = time.monotonic() + self.config.resume_timeout_s
+        event = self._resumed[flight.name]
+        while flight.interrupt == "continue":
+            if not self.registry.get(flight.name).paused:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(event.wait(), min(left, 0.25))
+            except TimeoutError:
+                pass
+        return False
+
+    async def _run(
+        self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
+    ) -> AsyncGenerator[RequestOutput, None]:
+        stitcher = Stitcher(request_id, params)
+        indices: list[int] | None = None  # None: the first segment, all samples
+        cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
+        round_no = 0
+        while True:
+            version = flight.version
+            lora = lora_request_of(version)
+            if indices is None:
+                seg_ids = [request_id]
+                gens = [
+                    self._inner_generate(prompt, params, request_id, lora_request=lora, **kwargs)
+                ]
+                stitcher.start_segment(list(range(params.n)))
+            else:
+                seg_ids = [f"{request_id}+c{round_no}.{g}" for g in indices]
+                gens = [
+                    self._inner_generate(
+                        TokensPrompt(prompt_token_ids=stitcher.continuation_prompt(g)),
+                        stitcher.continuation_params(params, g),
+                        seg_id,
+                        lora_request=lora,
+                        **cont_kwargs,
+                    )
+                    for g, seg_id in zip(indices, seg_ids, strict=True)
+                ]
+                stitcher.start_segment(indices)
+            self_aborted: set[int] = set()
+            async for i, out in merge_async_iterators(*gens):
+                seen = stitcher.absorb(
+                    out,
+                    None if indices is None else indices[i],
+                    version.number,
+                    continuing=flight.interrupt == "continue",
+                )
+                if flight.interrupt is not None and not out.finished and i not in self_aborted:
+                    # Admitted after the pause swept the engine: stop it ourselves.
+                    self_aborted.add(i)
+                    await self.engine.abort(seg_ids[i])
+                if seen is not None:
+                    yield seen
+            indices = stitcher.to_continue()
+            if not indices:
+                return
+            if not await self._wait_for_resume(flight):
+                final = stitcher.give_up()
+                if final is not None:
+                    yield final
+                return
+            flight.interrupt = None
+            self._retire(self.registry.rebind(flight))
+            round_no += 1
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event

@@ -1,0 +1,62 @@
+"""The ``vllm.endpoint_plugins`` entry point ``lora_ext``.
+
+Loaded by stock vLLM with ``VLLM_PLUGINS=lora_ext``; our own launchers (CLI, Ray actor)
+attach the same object explicitly, so there is one wiring path.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.datastructures import State
+
+from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.manager import LoraManager
+from vllm_lora_ext.routes import router
+
+PLUGIN_NAME = "lora_ext"
+
+
+class LoraExtPlugin:
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def __init__(self, config: LoraExtConfig | None = None) -> None:
+        self.config = config
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        if engine_client is None:  # the CPU-only render server has no engine
+            return
+        if not hasattr(engine_client, "output_processor"):
+            raise RuntimeError(
+                "lora_ext needs an in-process AsyncLLM client (run one API server process)"
+            )
+        manager = LoraManager(
+            engine_client,
+            self.config or LoraExtConfig(),
+            getattr(state, "openai_serving_models", None),
+        )
+        manager.install()
+        await manager.adopt_static_adapters()
+        state.lora_ext = manager
+
+
+def ensure_attached(app: FastAPI, config: LoraExtConfig | None = None) -> LoraExtPlugin:
+    """Attach the plugin to an app built by vLLM's ``build_app`` unless vLLM already did
+    (``VLLM_PLUGINS=lora_ext``); ``init_app_state`` then initialises it."""
+    plugins = list(getattr(app.state, "endpoint_plugins", []))
+    for plugin in plugins:
+        if getattr(plugin, "name", None) == PLUGIN_NAME:
+            if config is not None:
+                plugin.config = config
+            return plugin
+    plugin = LoraExtPlugin(config)
+    plugin.attach_router(app)
+    app.state.endpoint_plugins = [*plugins, plugin]
+    app.openapi_schema = None
+    return plugin

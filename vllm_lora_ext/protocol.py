@@ -1,0 +1,80 @@
+"""Request and response bodies of the ``/skyrl/v1/`` routes (the HTTP contract)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NameField = Field(min_length=1, max_length=256)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AbortLoraRequest(_Body):
+    lora_name: str = NameField
+
+
+class AbortLoraResponse(BaseModel):
+    lora_name: str
+    aborted: int
+
+
+class PauseRequest(_Body):
+    lora_name: str | None = Field(default=None, min_length=1, max_length=256)
+    mode: Literal["abort", "keep", "wait"] = "keep"
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=3600, description="Drain bound for mode 'wait'."
+    )
+
+
+class ResumeRequest(_Body):
+    lora_name: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class PauseResponse(BaseModel):
+    lora_name: str | None
+    paused: bool
+    mode: str | None = None
+    interrupted: int | None = None
+
+
+class LoadLoraRequest(_Body):
+    lora_name: str = NameField
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class LoadLoraResponse(BaseModel):
+    lora_name: str
+    version: int
+    lora_int_id: int
+    lora_path: str
+
+
+class VersionInfo(BaseModel):
+    version: int
+    lora_int_id: int
+    internal_name: str
+    in_flight: int
+    path: str
+    pinned: bool
+
+
+class AdapterInfo(BaseModel):
+    lora_name: str
+    version: int | None
+    paused: bool
+    pause_mode: str | None
+    in_flight: int
+    held: int
+    versions: list[VersionInfo]
+
+
+class LorasResponse(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class ErrorBody(BaseModel):
+    error: str

@@ -1,0 +1,83 @@
+"""Building and serving vLLM's OpenAI app with the lora_ext routes attached.
+
+One builder serves both launchers: the CLI (``python -m vllm_lora_ext serve``) and the
+Ray actor (``ray_actors/``). Both reuse vLLM's own ``build_app``/``init_app_state`` so the
+OpenAI routes, ``/health`` and ``/metrics`` are vLLM's, unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+from argparse import Namespace
+from collections.abc import Sequence
+
+from fastapi import FastAPI
+
+from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.plugin import ensure_attached
+
+
+def parse_server_args(argv: Sequence[str]) -> Namespace:
+    """Parse ``vllm serve``-style arguments with vLLM's own parser and checks."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_lora_ext serve"))
+    args = parser.parse_args(list(argv))
+    validate_parsed_serve_args(args)
+    return args
+
+
+async def build_lora_app(engine, args: Namespace, config: LoraExtConfig | None = None) -> FastAPI:
+    """vLLM's app for ``engine`` plus our routes, with app state initialised."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine.model_config)
+    ensure_attached(app, config)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before the engine starts so the port is ours (port 0: any free one)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_cli_server(argv: Sequence[str]) -> None:
+    """``python -m vllm_lora_ext serve <vLLM args>``: the stock server, our routes on."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import serve_http
+
+    args = parse_server_args(argv)
+    sock = bind_socket(args.host or "0.0.0.0", args.port)
+    try:
+        async with build_async_engine_client(args) as engine:
+            app = await build_lora_app(engine, args)
+            manager = app.state.lora_ext  # vLLM's lifespan deletes app.state on exit
+            try:
+                shutdown_task = await serve_http(
+                    app,
+                    sock=sock,
+                    host=args.host,
+                    port=args.port,
+                    log_level=args.uvicorn_log_level,
+                    access_log=not args.disable_uvicorn_access_log,
+                )
+            finally:
+                await manager.shutdown()
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def main_serve(argv: Sequence[str]) -> None:
+    import uvloop
+
+    uvloop.run(run_cli_server(argv))

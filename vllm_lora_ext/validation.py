@@ -1,0 +1,82 @@
+"""Checks of a PEFT adapter directory made before the engine sees it.
+
+vLLM's own loader answers a corrupt adapter with a 500 and may leave the engine holding
+half of it; these checks turn every such input into a 4xx that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from vllm_lora_ext.errors import InvalidAdapterError
+
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and bounds-check a safetensors header; raises on truncation or garbage."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise InvalidAdapterError(f"{path.name}: file too short to be safetensors")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or n > min(_MAX_HEADER, size - 8):
+            raise InvalidAdapterError(f"{path.name}: corrupt safetensors header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidAdapterError(f"{path.name}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise InvalidAdapterError(f"{path.name}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise InvalidAdapterError(f"{path.name}: corrupt entry for tensor '{key}'")
+        if offsets[1] > data_len:
+            raise InvalidAdapterError(
+                f"{path.name}: truncated (tensor '{key}' ends at byte {offsets[1]}, "
+                f"file holds {data_len})"
+            )
+    return header
+
+
+def check_adapter_dir(lora_path: str, max_lora_rank: int | None) -> dict:
+    """Validate ``lora_path`` as a PEFT LoRA adapter; returns its adapter config."""
+    path = Path(lora_path)
+    if not path.exists():
+        raise InvalidAdapterError(f"lora_path '{lora_path}' does not exist", status=404)
+    if not path.is_dir():
+        raise InvalidAdapterError(f"lora_path '{lora_path}' is not a directory")
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise InvalidAdapterError(f"lora_path '{lora_path}' has no adapter_config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapterError(
+            f"adapter_config.json in '{lora_path}' is not valid JSON: {e}"
+        ) from e
+    if not isinstance(cfg, dict):
+        raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' is not a JSON object")
+    weights = [path / w for w in _WEIGHT_FILES if (path / w).is_file()]
+    if not weights:
+        raise InvalidAdapterError(
+            f"lora_path '{lora_path}' has no adapter weights ({' or '.join(_WEIGHT_FILES)})"
+        )
+    if weights[0].suffix == ".safetensors":
+        read_safetensors_header(weights[0])
+    ranks = [cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()]
+    if any(not isinstance(r, int) or r <= 0 for r in ranks):
+        raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' has an invalid rank r")
+    if max_lora_rank is not None and max(ranks) > max_lora_rank:
+        raise InvalidAdapterError(
+            f"adapter rank {max(ranks)} exceeds the server's max_lora_rank {max_lora_rank}"
+        )
+    return cfg
