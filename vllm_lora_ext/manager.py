@@ -28,7 +28,7 @@ from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.registry import Flight, PauseMode, Registry, Version
-from vllm_lora_ext.validation import check_adapter_dir
+from vllm_lora_ext.validation import check_adapter_dir, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
 
@@ -50,6 +50,7 @@ class LoraManager:
         self.registry = Registry(config.keep_versions, config.lora_id_base)
         lora_config = getattr(engine.vllm_config, "lora_config", None)
         self.max_lora_rank: int | None = getattr(lora_config, "max_lora_rank", None)
+        self.model_modules = model_module_names(engine.model_config.model)
         self.counters: Counter[str] = Counter()
         self._inner_generate = engine.generate
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -94,7 +95,7 @@ class LoraManager:
         serving the requests that started on them. Loads of one name are serialized."""
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
-        await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank)
+        await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank, self.model_modules)
         async with self._load_locks[name]:
             version = self.registry.new_version(name, path)
             started = time.monotonic()

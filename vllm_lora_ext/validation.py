@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from vllm_lora_ext.errors import InvalidAdapterError
@@ -47,7 +48,36 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def check_adapter_dir(lora_path: str, max_lora_rank: int | None) -> dict:
+def _leaf_modules(tensor_names: Iterable[str]) -> set[str]:
+    """``...layers.0.self_attn.q_proj.weight`` -> ``q_proj`` (the module's own name)."""
+    leaves = set()
+    for key in tensor_names:
+        parts = key.split(".")
+        for marker in ("lora_A", "lora_B", "weight", "bias"):
+            if marker in parts:
+                idx = parts.index(marker)
+                if idx > 0:
+                    leaves.add(parts[idx - 1])
+                break
+    return leaves
+
+
+def model_module_names(model_path: str) -> set[str] | None:
+    """Leaf module names of a local base model (from its safetensors headers); None
+    when the model is not a local directory of safetensors (the check is skipped)."""
+    path = Path(model_path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        names |= _leaf_modules(k for k in read_safetensors_header(f) if k != "__metadata__")
+    return names
+
+
+def check_adapter_dir(
+    lora_path: str, max_lora_rank: int | None, model_modules: set[str] | None = None
+) -> dict:
     """Validate ``lora_path`` as a PEFT LoRA adapter; returns its adapter config."""
     path = Path(lora_path)
     if not path.exists():
@@ -70,8 +100,7 @@ def check_adapter_dir(lora_path: str, max_lora_rank: int | None) -> dict:
         raise InvalidAdapterError(
             f"lora_path '{lora_path}' has no adapter weights ({' or '.join(_WEIGHT_FILES)})"
         )
-    if weights[0].suffix == ".safetensors":
-        read_safetensors_header(weights[0])
+    header = read_safetensors_header(weights[0]) if weights[0].suffix == ".safetensors" else {}
     ranks = [cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()]
     if any(not isinstance(r, int) or r <= 0 for r in ranks):
         raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' has an invalid rank r")
@@ -79,4 +108,14 @@ def check_adapter_dir(lora_path: str, max_lora_rank: int | None) -> dict:
         raise InvalidAdapterError(
             f"adapter rank {max(ranks)} exceeds the server's max_lora_rank {max_lora_rank}"
         )
+    if model_modules is not None:
+        targets = cfg.get("target_modules")
+        wanted = _leaf_modules(k for k in header if k != "__metadata__")
+        if isinstance(targets, list):
+            wanted |= {str(t).rsplit(".", 1)[-1] for t in targets}
+        missing = sorted(wanted - model_modules)
+        if missing:
+            raise InvalidAdapterError(
+                f"adapter targets modules the model lacks: {', '.join(missing)}"
+            )
     return cfg
