@@ -124,6 +124,7 @@ class Stitcher:
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
         shown: list[CompletionOutput | None] = []
+        rewritten = False  # a finish reason the caller must see differently
         for c in out.outputs:
             s = self.samples[c.index if index is None else index]
             before = len(s.token_ids)
@@ -145,6 +146,7 @@ class Stitcher:
             s.add_span(version, before, len(s.token_ids))
             s.stop_reason = c.stop_reason
             if c.finish_reason == ABORT and continuing:
+                rewritten = True
                 if self.remaining(s.index) == 0:
                     s.finish_reason = "length"
                 else:
@@ -153,7 +155,7 @@ class Stitcher:
             else:
                 s.finish_reason = c.finish_reason
             shown.append(self._view(s, c, new_ids))
-        if index is None and not any(s.interrupted for s in self.samples):
+        if index is None and not rewritten and not any(s.interrupted for s in self.samples):
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).
             self._emitted = True

@@ -71,7 +71,7 @@ def test_ray_actor_serves_and_shuts_down_cleanly(toy):
             _smoke(urls[0])
         finally:
             shutdown_servers(actors)
-        gone, alive = psutil.wait_procs(procs, timeout=15)
+        _gone, alive = psutil.wait_procs(procs, timeout=15)
         assert not alive, f"processes left behind: {[(p.pid, p.name()) for p in alive]}"
     finally:
         ray.shutdown()

@@ -1,0 +1,119 @@
+"""Stitching engine segments into one caller-visible generation, per output kind."""
+
+from __future__ import annotations
+
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from vllm_lora_ext.continuation import Stitcher
+
+PROMPT = [1, 2, 3]
+
+
+def lp(tok: int) -> dict:
+    return {tok: Logprob(logprob=-0.1 * tok)}
+
+
+def out(tokens, finish=None, index=0, prompt=PROMPT, n_outputs=None) -> RequestOutput:
+    c = CompletionOutput(
+        index=index,
+        text="".join(f" t{t}" for t in tokens),
+        token_ids=list(tokens),
+        cumulative_logprob=-0.1 * sum(tokens),
+        logprobs=[lp(t) for t in tokens],
+        finish_reason=finish,
+    )
+    return RequestOutput("r", "p", prompt, None, n_outputs or [c], finish is not None)
+
+
+def params(kind, n=1, max_tokens=6) -> SamplingParams:
+    return SamplingParams(n=n, max_tokens=max_tokens, output_kind=kind, logprobs=0)
+
+
+def test_uninterrupted_output_passes_through_untouched():
+    st = Stitcher("r", params(RequestOutputKind.DELTA))
+    o = out([10, 11])
+    assert st.absorb(o, None, 1, continuing=False) is o
+
+
+def test_delta_keep_interruption_then_continuation_concatenates():
+    st = Stitcher("r", params(RequestOutputKind.DELTA))
+    shown = [st.absorb(out([10, 11]), None, 1, continuing=False)]
+    shown.append(st.absorb(out([12], finish="abort"), None, 1, continuing=True))
+    assert st.to_continue() == [0]
+    assert shown[-1].outputs[0].finish_reason is None and not shown[-1].finished
+    assert st.continuation_prompt(0) == [*PROMPT, 10, 11, 12]
+    cont = st.continuation_params(params(RequestOutputKind.DELTA), 0)
+    assert cont.max_tokens == 3 and cont.n == 1 and cont.prompt_logprobs is None
+    st.start_segment([0])
+    tail = st.absorb(out([13, 14, 15], finish="length", prompt=[*PROMPT, 10, 11, 12]), 0, 2, True)
+    shown.append(tail)
+    # The caller sees only the new tokens, no re-sent prompt, and a single finish.
+    assert tail.prompt_token_ids is None
+    assert [t for o in shown for t in o.outputs[0].token_ids] == [10, 11, 12, 13, 14, 15]
+    assert [o.outputs[0].finish_reason for o in shown] == [None, None, "length"]
+    assert tail.finished
+    s = st.samples[0]
+    assert len(s.logprobs) == len(s.token_ids) == 6
+    assert [(sp.version, sp.start, sp.end) for sp in s.spans] == [(1, 0, 3), (2, 3, 6)]
+
+
+def test_final_only_yields_one_concatenated_output():
+    st = Stitcher("r", params(RequestOutputKind.FINAL_ONLY))
+    assert st.absorb(out([10, 11], finish="abort"), None, 1, continuing=True) is None
+    st.start_segment([0])
+    final = st.absorb(out([12, 13, 14, 15], finish="length"), 0, 2, continuing=False)
+    c = final.outputs[0]
+    assert c.token_ids == [10, 11, 12, 13, 14, 15]
+    assert len(c.logprobs) == 6 and c.text == " t10 t11 t12 t13 t14 t15"
+    assert c.cumulative_logprob == -0.1 * (10 + 11) + -0.1 * (12 + 13 + 14 + 15)
+    assert final.prompt_token_ids == PROMPT and final.finished
+
+
+def test_cumulative_outputs_carry_the_whole_prefix():
+    st = Stitcher("r", params(RequestOutputKind.CUMULATIVE))
+    st.absorb(out([10]), None, 1, False)
+    st.absorb(out([10, 11], finish="abort"), None, 1, True)
+    st.start_segment([0])
+    mid = st.absorb(out([12]), 0, 2, True)
+    assert mid.outputs[0].token_ids == [10, 11, 12]
+    end = st.absorb(out([12, 13, 14, 15], finish="length"), 0, 2, True)
+    assert end.outputs[0].token_ids == [10, 11, 12, 13, 14, 15]
+    assert len(end.outputs[0].logprobs) == 6
+
+
+def test_plain_abort_is_returned_as_abort():
+    st = Stitcher("r", params(RequestOutputKind.FINAL_ONLY))
+    o = out([10, 11], finish="abort")
+    assert st.absorb(o, None, 1, continuing=False) is o
+    assert st.to_continue() == [] and st.done
+
+
+def test_interruption_at_the_budget_ends_as_length():
+    st = Stitcher("r", params(RequestOutputKind.FINAL_ONLY, max_tokens=2))
+    final = st.absorb(out([10, 11], finish="abort"), None, 1, continuing=True)
+    assert st.to_continue() == []
+    assert final.outputs[0].finish_reason == "length"
+
+
+def test_give_up_returns_partial_with_abort():
+    st = Stitcher("r", params(RequestOutputKind.DELTA))
+    st.absorb(out([10, 11], finish="abort"), None, 1, continuing=True)
+    last = st.give_up()
+    assert last.outputs[0].finish_reason == "abort" and last.outputs[0].token_ids == []
+    assert last.finished and st.samples[0].token_ids == [10, 11]
+
+
+def test_n_samples_continue_independently():
+    st = Stitcher("r", params(RequestOutputKind.FINAL_ONLY, n=2, max_tokens=4))
+    both = [
+        CompletionOutput(0, " a", [10], None, None, finish_reason="length"),
+        CompletionOutput(1, " b", [20], None, None, finish_reason="abort"),
+    ]
+    assert st.absorb(out([], n_outputs=both), None, 1, continuing=True) is None
+    assert st.to_continue() == [1]
+    assert st.remaining(1) == 3
+    st.start_segment([1])
+    final = st.absorb(out([21, 22, 23], finish="length"), 1, 2, continuing=False)
+    assert [c.token_ids for c in final.outputs] == [[10], [20, 21, 22, 23]]
