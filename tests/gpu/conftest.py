@@ -99,9 +99,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        # Same session as the tests: with the kernel's per-session CPU autogrouping a new
+        # session would make the whole server one scheduling unit against the test client,
+        # starving its API process behind the spinning engine processes.
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.children: list[psutil.Process] = []
 
     def start(self) -> None:
@@ -119,7 +120,8 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                for p in [*psutil.Process(self.proc.pid).children(recursive=True), self.proc]:
+                    p.kill()
                 self.proc.wait(10)
         self._log_file.close()
         return self.proc.returncode

@@ -57,7 +57,10 @@ class Stream:
     async def _run(self, c: httpx.AsyncClient, extra: dict) -> None:
         # 16 tokens a chunk: the client (on the same 2 cores) keeps pace with the engine,
         # so "the client saw tokens" implies "the engine is still generating".
-        req = body(self.model, self.max_tokens, stream=True, stream_interval=16, **extra)
+        req = body(
+            self.model, self.max_tokens, stream=True, stream_interval=16, return_token_ids=True
+        )
+        req.update(extra)
         req["stream_options"] = {"include_usage": True}
         async with c.stream("POST", "/v1/completions", json=req) as r:
             assert r.status_code == 200, await r.aread()
@@ -77,7 +80,7 @@ class Stream:
                         self.prompt_token_ids = choice["prompt_token_ids"]
                     lp = choice.get("logprobs") or {}
                     self.logprobs += len(lp.get("token_logprobs") or [])
-                    self.tokens += len(lp.get("tokens") or [])
+                    self.tokens += len(choice.get("token_ids") or [])
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
                 self.chunks.append(asyncio.get_running_loop().time())
@@ -103,6 +106,13 @@ async def loras(c: httpx.AsyncClient) -> dict[str, dict]:
     r = await c.get("/skyrl/v1/loras")
     assert r.status_code == 200
     return {a["lora_name"]: a for a in r.json()["adapters"]}
+
+
+async def wait_in_flight(c: httpx.AsyncClient, name: str, n: int, timeout: float = 30) -> None:
+    """Until ``n`` requests of ``name`` were admitted by the server (leased a version)."""
+    async with asyncio.timeout(timeout):
+        while (await loras(c))[name]["in_flight"] < n:  # noqa: ASYNC110 (remote state)
+            await asyncio.sleep(0.02)
 
 
 async def post(c: httpx.AsyncClient, path: str, payload: dict, status: int = 200) -> dict:

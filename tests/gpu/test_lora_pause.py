@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine_helpers import Stream, complete, loras, post, words
+from engine_helpers import Stream, complete, loras, post, wait_in_flight, words
 
 LONG = 2000  # ~10 s on this CPU: long enough to be caught mid-generation
 
@@ -102,6 +102,7 @@ async def test_pause_swap_weights_resume_mid_sample(client, toy):
     stream = Stream("meow", LONG).start(client)
     plain = asyncio.create_task(complete(client, "meow", LONG))  # non-streamed path
     await stream.wait_tokens(20)
+    await wait_in_flight(client, "meow", 2)
     assert not plain.done()
     try:
         paused = await post(client, "pause", {"lora_name": "meow", "mode": "keep"})
@@ -161,8 +162,7 @@ async def test_global_pause_still_works(client):
 
 async def test_wait_mode_drains_then_times_out_cleanly(client):
     short = asyncio.create_task(complete(client, "meow", 200))
-    await asyncio.sleep(0.05)
-    assert (await loras(client))["meow"]["in_flight"] == 1
+    await wait_in_flight(client, "meow", 1)
     r = await post(client, "pause", {"lora_name": "meow", "mode": "wait", "timeout_s": 60})
     assert r["paused"] and short.done()  # returned only once drained
     assert (await short)["usage"]["completion_tokens"] == 200
@@ -194,6 +194,7 @@ async def test_keep_continues_every_sample_of_n(client):
     task = asyncio.create_task(complete(client, "meow", 800, n=3, temperature=1.0, seed=7))
     probe = Stream("meow", LONG).start(client)
     await probe.wait_tokens(5)
+    await wait_in_flight(client, "meow", 2)
     paused = await post(client, "pause", {"lora_name": "meow", "mode": "keep"})
     assert paused["interrupted"] == 2  # the n=3 parent counts once, plus the probe
     await asyncio.sleep(0.3)
