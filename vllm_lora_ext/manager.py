@@ -57,6 +57,7 @@ class LoraManager:
         self._resumed: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
         self._installed = False
+        self._closed = False
 
     # ---- life cycle ---------------------------------------------------------------
     def install(self) -> None:
@@ -74,6 +75,7 @@ class LoraManager:
             await self.engine.remove_lora(req.lora_int_id)
 
     async def shutdown(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -82,7 +84,7 @@ class LoraManager:
             self.engine.generate = self._inner_generate
             self._installed = False
         for event in self._resumed.values():
-            event.set()
+            event.set()  # wake held requests: they end with a 503 (see _wait_unpaused)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -258,6 +260,8 @@ class LoraManager:
 
     async def _wait_unpaused(self, name: str) -> None:
         while self.registry.get(name).paused:
+            if self._closed:
+                raise GracefulHTTPError("server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
             await self._resumed[name].wait()
 
     async def _wait_for_resume(self, flight: Flight) -> bool:

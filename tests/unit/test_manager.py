@@ -96,6 +96,17 @@ async def test_held_request_proceeds_on_resume(tmp_path):
     assert (await asyncio.wait_for(task, 2))[-1].finished
 
 
+async def test_shutdown_releases_held_requests_with_503(tmp_path):
+    m, engine = await make(tmp_path, hold_timeout_s=30)
+    await m.pause("meow", "keep", None)
+    task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
+    await asyncio.sleep(0.05)
+    await m.shutdown()
+    with pytest.raises(GracefulHTTPError) as err:
+        await asyncio.wait_for(task, 2)
+    assert err.value.http_status == 503
+
+
 async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 100, "step_s": 0.01})
     task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
