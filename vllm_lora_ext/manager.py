@@ -27,7 +27,7 @@ from vllm.utils.async_utils import merge_async_iterators
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
-from vllm_lora_ext.registry import Flight, PauseMode, Registry, Version
+from vllm_lora_ext.registry import VERSION_SEP, Flight, PauseMode, Registry, Version, split_pinned
 from vllm_lora_ext.validation import check_adapter_dir, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -111,12 +111,7 @@ class LoraManager:
                 ) from e
             retire = self.registry.commit(version)
             self._resumed.setdefault(name, _set_event())
-            if self.serving_models is not None:
-                # The public alias the OpenAI routes resolve `model=name` to; the
-                # wrapped generate swaps it for the version the request is leased to.
-                self.serving_models.lora_requests[name] = LoRARequest(
-                    lora_name=name, lora_int_id=version.lora_int_id, lora_path=path
-                )
+            self._publish(name, version)
             self.counters["loads"] += 1
             logger.info(
                 "lora_ext load name=%s version=%d path=%s latency_ms=%.1f",
@@ -127,6 +122,38 @@ class LoraManager:
             )
         self._retire(retire)
         return version
+
+    def _publish(self, name: str, version: Version) -> None:
+        """Names the OpenAI routes resolve: ``name`` (the newest version) and
+        ``name@N`` (that version, while resident). The wrapped generate replaces either
+        with the version the request is leased to."""
+        if self.serving_models is None:
+            return
+        models = self.serving_models.lora_requests
+        models[name] = LoRARequest(
+            lora_name=name, lora_int_id=version.lora_int_id, lora_path=version.path
+        )
+        models[version.internal_name] = lora_request_of(version)
+
+    def _unpublish(self, *names: str) -> None:
+        if self.serving_models is not None:
+            for n in names:
+                self.serving_models.lora_requests.pop(n, None)
+
+    async def unload(self, name: str, number: int | None) -> list[int]:
+        """Retire ``name`` (or one of its versions): no new request can use it; each
+        version leaves the engine once its last request ended. Returns the versions
+        marked."""
+        async with self._load_locks[name]:
+            adapter = self.registry.get(name)
+            marked = [number] if number is not None else sorted(adapter.versions)
+            retire = self.registry.retire(name, number)
+            if number is None:
+                self._unpublish(name)
+            self._unpublish(*(f"{name}{VERSION_SEP}{n}" for n in marked))
+        self.counters["unloads"] += 1
+        self._retire(retire)
+        return marked
 
     async def _forget_in_engine(self, version: Version) -> None:
         try:
@@ -140,6 +167,7 @@ class LoraManager:
         versions = list(versions)
         for v in versions:
             self.registry.drop(v)
+            self._unpublish(v.internal_name)
         if versions:
             self._spawn(self._remove_from_engine(versions))
 
@@ -223,16 +251,17 @@ class LoraManager:
         **kwargs: Any,
     ) -> AsyncGenerator[RequestOutput, None]:
         name = self.registry.owner_of(lora_request.lora_name) if lora_request else None
+        number = split_pinned(lora_request.lora_name)[1] if name is not None else None
         if name is None:  # base model, or an adapter we do not manage
             async for out in self._inner_generate(
                 prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
             ):
                 yield out
             return
-        await self._hold(name)
         try:
-            flight = self.registry.admit(name, request_id)
-        except LoraExtError as e:
+            await self._hold(name)
+            flight = self.registry.admit(name, request_id, number)
+        except LoraExtError as e:  # e.g. unloaded while the request was on its way
             raise GracefulHTTPError(e.message, HTTPStatus(e.status)) from e
         try:
             async for out in self._run(flight, prompt, sampling_params, request_id, kwargs):
@@ -269,6 +298,8 @@ class LoraManager:
         deadline = time.monotonic() + self.config.resume_timeout_s
         event = self._resumed[flight.name]
         while flight.interrupt == "continue":
+            if flight.name not in self.registry:  # unloaded meanwhile: end it partial
+                return False
             if not self.registry.get(flight.name).paused:
                 return True
             left = deadline - time.monotonic()

@@ -53,6 +53,16 @@ class LoadLoraResponse(BaseModel):
     lora_path: str
 
 
+class UnloadLoraRequest(_Body):
+    lora_name: str = NameField
+    version: int | None = Field(default=None, ge=1, description="Only this version.")
+
+
+class UnloadLoraResponse(BaseModel):
+    lora_name: str
+    retired_versions: list[int]
+
+
 class VersionInfo(BaseModel):
     version: int
     lora_int_id: int
@@ -60,6 +70,7 @@ class VersionInfo(BaseModel):
     in_flight: int
     path: str
     pinned: bool
+    retired: bool
 
 
 class AdapterInfo(BaseModel):

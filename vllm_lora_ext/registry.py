@@ -31,6 +31,7 @@ class Version:
     path: str
     refcount: int = 0
     pinned: bool = False
+    retired: bool = False  # unloaded: leaves the engine once idle, serves nobody new
 
     @property
     def internal_name(self) -> str:
@@ -46,6 +47,7 @@ class Flight:
     version: Version
     interrupt: Interrupt | None = None
     released: bool = False
+    pinned: bool = False  # asked for this version by number: never moved to another
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Adapter:
     pause_mode: PauseMode | None = None
     flights: dict[str, Flight] = field(default_factory=dict)
     held: int = 0
+    last_number: int = 0  # version numbers are never reused, even after an unload
 
     @property
     def current_version(self) -> Version:
@@ -113,9 +116,11 @@ class Registry:
         """Allocate the next version of ``name``; it serves nobody until :meth:`commit`."""
         if not name or VERSION_SEP in name:
             raise LoraExtError(f"invalid adapter name '{name}': empty or contains '{VERSION_SEP}'")
-        adapter = self._adapters.get(name) or Adapter(name)
-        number = max(adapter.versions, default=0) + 1
-        return Version(name=name, number=number, lora_int_id=next(self._ids), path=path)
+        adapter = self._adapters.setdefault(name, Adapter(name))
+        adapter.last_number += 1
+        return Version(
+            name=name, number=adapter.last_number, lora_int_id=next(self._ids), path=path
+        )
 
     def commit(self, version: Version) -> list[Version]:
         """Make ``version`` current; returns versions that are now retirable."""
@@ -125,16 +130,40 @@ class Registry:
         return self.retirable(version.name)
 
     def retirable(self, name: str) -> list[Version]:
-        """Idle, unpinned versions outside the newest ``keep_versions``."""
+        """Idle versions that were unloaded, or are unpinned and outside the newest
+        ``keep_versions``; never the current one."""
         adapter = self._adapters.get(name)
         if adapter is None:
             return []
-        newest = sorted(adapter.versions, reverse=True)[: self.keep_versions]
+        live = [n for n, v in adapter.versions.items() if not v.retired]
+        newest = sorted(live, reverse=True)[: self.keep_versions]
         return [
             v
             for n, v in sorted(adapter.versions.items())
-            if n not in newest and n != adapter.current and v.refcount == 0 and not v.pinned
+            if n != adapter.current
+            and v.refcount == 0
+            and (v.retired or (n not in newest and not v.pinned))
         ]
+
+    def retire(self, name: str, number: int | None = None) -> list[Version]:
+        """Unload a name (all versions) or one non-current version; each leaves once
+        idle. Returns what is retirable now."""
+        adapter = self.get(name)
+        if number is None:
+            adapter.current = None  # the name stops resolving at once
+            for v in adapter.versions.values():
+                v.retired = True
+        elif number not in adapter.versions:
+            raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
+        elif number == adapter.current:
+            raise LoraExtError(
+                f"version {number} is the current version of '{name}'; load a new one first "
+                "or unload the name",
+                status=409,
+            )
+        else:
+            adapter.versions[number].retired = True
+        return self.retirable(name)
 
     def drop(self, version: Version) -> None:
         """Forget a version the engine no longer holds (after ``remove_lora``)."""
@@ -149,14 +178,16 @@ class Registry:
         adapter = self.get(name)
         if number is None:
             version = adapter.current_version
-        elif number in adapter.versions:
+        elif number in adapter.versions and not adapter.versions[number].retired:
             version = adapter.versions[number]
         else:
             raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
         if request_id in adapter.flights:
             raise LoraExtError(f"request id '{request_id}' is already in flight")
         version.refcount += 1
-        flight = Flight(request_id=request_id, name=name, version=version)
+        flight = Flight(
+            request_id=request_id, name=name, version=version, pinned=number is not None
+        )
         adapter.flights[request_id] = flight
         return flight
 
@@ -164,6 +195,8 @@ class Registry:
         """Move a continuing request onto the current version; returns retirable ones."""
         adapter = self._adapters[flight.name]
         old = flight.version
+        if flight.pinned or adapter.current is None:
+            return []
         new = adapter.current_version
         if new is not old:
             new.refcount += 1
@@ -222,6 +255,7 @@ class Registry:
                             "in_flight": v.refcount,
                             "path": v.path,
                             "pinned": v.pinned,
+                            "retired": v.retired,
                         }
                         for v in sorted(a.versions.values(), key=lambda v: v.number)
                     ],

@@ -28,6 +28,8 @@ from vllm_lora_ext.protocol import (
     PauseRequest,
     PauseResponse,
     ResumeRequest,
+    UnloadLoraRequest,
+    UnloadLoraResponse,
 )
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -71,7 +73,7 @@ class LoraExtRoute(APIRoute):
 
 router = APIRouter(prefix=PREFIX, route_class=LoraExtRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 404, 409, 503, 504)
 }
 
 
@@ -116,3 +118,9 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLora
         lora_int_id=version.lora_int_id,
         lora_path=version.path,
     )
+
+
+@router.post("/unload_lora_adapter", responses=_ERRORS)
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> UnloadLoraResponse:
+    retired = await manager_of(request).unload(body.lora_name, body.version)
+    return UnloadLoraResponse(lora_name=body.lora_name, retired_versions=retired)

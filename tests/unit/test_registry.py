@@ -121,3 +121,41 @@ def test_split_pinned():
     assert split_pinned("meow@3") == ("meow", 3)
     assert split_pinned("meow") == ("meow", None)
     assert split_pinned("a@b") == ("a@b", None)
+
+
+def test_pinned_request_uses_its_version_and_is_never_moved():
+    reg = loaded(2, "/a/1", "/a/2")
+    f = reg.admit("meow", "r1", number=1)
+    assert f.version.number == 1 and f.pinned
+    assert reg.rebind(f) == [] and f.version.number == 1
+
+
+def test_unload_one_version_retires_it_once_idle():
+    reg = loaded(3, "/a/1", "/a/2")
+    f = reg.admit("meow", "r1", number=1)
+    assert reg.retire("meow", 1) == []  # still in use
+    with pytest.raises(UnknownAdapterError):
+        reg.admit("meow", "r2", number=1)  # no new request may pin it
+    assert [v.number for v in reg.release(f)] == [1]
+
+
+def test_unloading_the_current_version_is_refused():
+    reg = loaded(2, "/a/1", "/a/2")
+    with pytest.raises(LoraExtError) as err:
+        reg.retire("meow", 2)
+    assert err.value.status == 409
+    with pytest.raises(UnknownAdapterError):
+        reg.retire("meow", 9)
+
+
+def test_unload_name_stops_resolving_and_drains():
+    reg = loaded(2, "/a/1", "/a/2")
+    f = reg.admit("meow", "r1")
+    retire = reg.retire("meow")
+    assert "meow" not in reg and [v.number for v in retire] == [1]
+    reg.drop(retire[0])
+    with pytest.raises(UnknownAdapterError):
+        reg.admit("meow", "r2")
+    assert [v.number for v in reg.release(f)] == [2]
+    # a later load of the same name never reuses a number (or its internal name)
+    assert reg.new_version("meow", "/a/3").number == 3
