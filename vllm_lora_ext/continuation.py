@@ -217,6 +217,3 @@ class Stitcher:
             finished=self.done,
             num_cached_tokens=self.num_cached_tokens,
         )
-
-    def spans(self) -> list[list[Span]]:
-        return [list(s.spans) for s in self.samples]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncGenerator, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -51,7 +51,6 @@ class LoraManager:
         lora_config = getattr(engine.vllm_config, "lora_config", None)
         self.max_lora_rank: int | None = getattr(lora_config, "max_lora_rank", None)
         self.model_modules = model_module_names(engine.model_config.model)
-        self.counters: Counter[str] = Counter()
         self._inner_generate = engine.generate
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._resumed: dict[str, asyncio.Event] = {}
@@ -105,14 +104,12 @@ class LoraManager:
                 await self.engine.add_lora(lora_request_of(version))
             except Exception as e:  # the engine refused the weights: nothing changes
                 await self._forget_in_engine(version)
-                self.counters["load_failed"] += 1
                 raise InvalidAdapterError(
                     f"engine refused adapter '{name}' from '{path}': {e}"
                 ) from e
             retire = self.registry.commit(version)
             self._resumed.setdefault(name, _set_event())
             self._publish(name, version)
-            self.counters["loads"] += 1
             logger.info(
                 "lora_ext load name=%s version=%d path=%s latency_ms=%.1f",
                 name,
@@ -151,7 +148,6 @@ class LoraManager:
             if number is None:
                 self._unpublish(name)
             self._unpublish(*(f"{name}{VERSION_SEP}{n}" for n in marked))
-        self.counters["unloads"] += 1
         self._retire(retire)
         return marked
 
@@ -162,8 +158,8 @@ class LoraManager:
             pass
 
     def _retire(self, versions: Iterable[Version]) -> None:
-        """Remove idle versions outside the window; dropped from the registry first, so
-        no request can lease a version while its engine copy is being removed."""
+        """Remove retirable versions (idle, and unloaded or outside the window); dropped
+        from the registry first, so no request can lease one while the engine drops it."""
         versions = list(versions)
         for v in versions:
             self.registry.drop(v)
@@ -175,7 +171,6 @@ class LoraManager:
         for v in versions:
             try:
                 await self.engine.remove_lora(v.lora_int_id)
-                self.counters["retired"] += 1
             except Exception:
                 logger.exception("lora_ext failed to remove %s from the engine", v.internal_name)
 
@@ -184,12 +179,11 @@ class LoraManager:
         if name is None:
             await self.engine.pause_generation(mode=mode)
             return {"lora_name": None, "paused": True, "mode": mode}
-        flights = self.registry.pause(name, mode)
+        self.registry.pause(name, mode)
         self._resumed[name].clear()
         result: dict[str, Any] = {"lora_name": name, "paused": True, "mode": mode}
         if mode in ("abort", "keep"):
             result["interrupted"] = await self._abort_in_engine(name)
-            self.counters["continued" if mode == "keep" else "aborted"] += len(flights)
         else:
             deadline = time.monotonic() + (timeout_s or self.config.drain_timeout_s)
             while self.registry.in_flight(name):
@@ -219,7 +213,6 @@ class LoraManager:
         for flight in adapter.flights.values():
             flight.interrupt = "abort"
         aborted = await self._abort_in_engine(name)
-        self.counters["aborted"] += aborted
         return aborted
 
     async def _abort_in_engine(self, name: str) -> int:
@@ -275,7 +268,6 @@ class LoraManager:
         if not adapter.paused:
             return
         adapter.held += 1
-        self.counters["held"] += 1
         try:
             await asyncio.wait_for(self._wait_unpaused(name), self.config.hold_timeout_s)
         except TimeoutError:
