@@ -27,7 +27,7 @@ from vllm.utils.async_utils import merge_async_iterators
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
-from vllm_lora_ext.registry import VERSION_SEP, Flight, PauseMode, Registry, Version, split_pinned
+from vllm_lora_ext.registry import Flight, PauseMode, Registry, Version, split_pinned
 from vllm_lora_ext.validation import check_adapter_dir, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -143,13 +143,13 @@ class LoraManager:
         marked."""
         async with self._load_locks[name]:
             adapter = self.registry.get(name)
-            marked = [number] if number is not None else sorted(adapter.versions)
             retire = self.registry.retire(name, number)
+            marked = [v for n, v in sorted(adapter.versions.items()) if number in (None, n)]
             if number is None:
                 self._unpublish(name)
-            self._unpublish(*(f"{name}{VERSION_SEP}{n}" for n in marked))
+            self._unpublish(*(v.internal_name for v in marked))
         self._retire(retire)
-        return marked
+        return [v.number for v in marked]
 
     async def _forget_in_engine(self, version: Version) -> None:
         try:

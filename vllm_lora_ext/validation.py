@@ -71,7 +71,7 @@ def model_module_names(model_path: str) -> set[str] | None:
         return None
     names: set[str] = set()
     for f in files:
-        names |= _leaf_modules(k for k in read_safetensors_header(f) if k != "__metadata__")
+        names |= _leaf_modules(read_safetensors_header(f))
     return names
 
 
@@ -110,7 +110,7 @@ def check_adapter_dir(
         )
     if model_modules is not None:
         targets = cfg.get("target_modules")
-        wanted = _leaf_modules(k for k in header if k != "__metadata__")
+        wanted = _leaf_modules(header)
         if isinstance(targets, list):
             wanted |= {str(t).rsplit(".", 1)[-1] for t in targets}
         missing = sorted(wanted - model_modules)

@@ -41,7 +41,6 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
     finally:
         server.stop()
     assert not server.leftover_children()
-    assert "Endpoint plugin" in server.log.read_text() or "lora_ext" in server.log.read_text()
 
 
 def test_stock_launcher_without_allowlist_has_no_routes(toy, tmp_path):
