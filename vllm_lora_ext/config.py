@@ -6,7 +6,9 @@ stock vLLM, or passed in explicitly by the Ray actor and the tests.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,11 +31,28 @@ class LoraExtConfig(BaseSettings):
         description="How long a request stopped by pause mode 'keep' waits for resume "
         "before it is returned to its caller partial, with finish_reason 'abort'.",
     )
-    keep_versions: int = Field(
-        default=2,
+    max_off_policy: int | None = Field(
+        default=None,
+        ge=0,
+        description="The trainer's max staleness in versions (async level): a request may "
+        "still ask for a version this many loads old. Sets the default of keep_versions.",
+    )
+    keep_versions: int | None = Field(
+        default=None,
         ge=1,
         description="Resident versions kept per adapter name (current included); older "
-        "idle, unpinned versions are removed from the engine.",
+        "idle, unpinned versions are removed from the engine. Default: max_off_policy + 2, "
+        "or 2.",
+    )
+    stage_adapters: bool = Field(
+        default=True,
+        description="Copy each loaded version into a server-owned directory and load it "
+        "from there, so a trainer that deletes or rewrites its files in place can never "
+        "break a version still in use (vLLM reloads evicted adapters from their path).",
+    )
+    stage_dir: Path | None = Field(
+        default=None,
+        description="Where staged copies live (default: a fresh temporary directory).",
     )
     lora_id_base: int = Field(
         default=1_000_000,
@@ -41,3 +60,21 @@ class LoraExtConfig(BaseSettings):
         description="First lora_int_id the extension hands out; far above the ids vLLM "
         "gives --lora-modules, so the two never collide.",
     )
+
+    @model_validator(mode="after")
+    def _retention_window(self) -> LoraExtConfig:
+        if self.keep_versions is None:
+            self.keep_versions = (self.max_off_policy or 0) + 2
+        elif self.max_off_policy is not None and self.keep_versions < self.max_off_policy + 1:
+            raise ValueError(
+                f"keep_versions={self.keep_versions} is smaller than max_off_policy + 1 = "
+                f"{self.max_off_policy + 1}: a request pinned to a version "
+                f"{self.max_off_policy} loads old would find it removed ('adapter not found')"
+            )
+        return self
+
+    @property
+    def window(self) -> int:
+        """keep_versions, resolved (never None after validation)."""
+        assert self.keep_versions is not None
+        return self.keep_versions

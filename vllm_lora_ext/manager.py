@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Iterable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from vllm.exceptions import GracefulHTTPError
@@ -24,10 +27,18 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 
+from vllm_lora_ext.attribution import SpanBook
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
-from vllm_lora_ext.registry import Flight, PauseMode, Registry, Version, split_pinned
+from vllm_lora_ext.registry import (
+    Flight,
+    Interrupt,
+    PauseMode,
+    Registry,
+    Version,
+    split_pinned,
+)
 from vllm_lora_ext.validation import check_adapter_dir, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -38,7 +49,9 @@ _POLL_S = 0.02
 def lora_request_of(version: Version) -> LoRARequest:
     """The engine-side request of one version: its own name and id, never shared."""
     return LoRARequest(
-        lora_name=version.internal_name, lora_int_id=version.lora_int_id, lora_path=version.path
+        lora_name=version.internal_name,
+        lora_int_id=version.lora_int_id,
+        lora_path=version.load_path,
     )
 
 
@@ -47,7 +60,8 @@ class LoraManager:
         self.engine = engine
         self.config = config
         self.serving_models = serving_models
-        self.registry = Registry(config.keep_versions, config.lora_id_base)
+        self.registry = Registry(config.window, config.lora_id_base)
+        self.spans = SpanBook()
         lora_config = getattr(engine.vllm_config, "lora_config", None)
         self.max_lora_rank: int | None = getattr(lora_config, "max_lora_rank", None)
         self.model_modules = model_module_names(engine.model_config.model)
@@ -57,6 +71,12 @@ class LoraManager:
         self._tasks: set[asyncio.Task] = set()
         self._installed = False
         self._closed = False
+        self._own_stage = config.stage_adapters and config.stage_dir is None
+        self._stage: Path | None = None
+        if config.stage_adapters:
+            root = config.stage_dir or Path(tempfile.mkdtemp(prefix="lora_ext_stage_"))
+            root.mkdir(parents=True, exist_ok=True)
+            self._stage = root
 
     # ---- life cycle ---------------------------------------------------------------
     def install(self) -> None:
@@ -84,6 +104,8 @@ class LoraManager:
             self._installed = False
         for event in self._resumed.values():
             event.set()  # wake held requests: they end with a 503 (see _wait_unpaused)
+        if self._own_stage and self._stage is not None:
+            await asyncio.to_thread(shutil.rmtree, self._stage, True)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -91,32 +113,77 @@ class LoraManager:
         task.add_done_callback(self._tasks.discard)
 
     # ---- adapters -----------------------------------------------------------------
-    async def load(self, name: str, path: str) -> Version:
-        """Load ``path`` as the new current version of ``name``; old versions keep
-        serving the requests that started on them. Loads of one name are serialized."""
+    async def load(
+        self, name: str, path: str, interrupt: Interrupt | None = None, pin: bool = False
+    ) -> Version:
+        """Load ``path`` as the new current version of ``name``. By default requests in
+        flight finish on the version they started on; ``interrupt`` ends them partial
+        (``abort``) or moves them onto the new version (``continue``). Loads of one name
+        are serialized; the previous version serves until the new one is committed."""
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
         await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank, self.model_modules)
         async with self._load_locks[name]:
-            version = self.registry.new_version(name, path)
             started = time.monotonic()
+            version = self.registry.new_version(name, path)
             try:
+                version.load_path = await asyncio.to_thread(self._stage_copy, version)
                 await self.engine.add_lora(lora_request_of(version))
+            except LoraExtError:
+                await asyncio.to_thread(self._unstage, version)
+                raise
             except Exception as e:  # the engine refused the weights: nothing changes
                 await self._forget_in_engine(version)
+                await asyncio.to_thread(self._unstage, version)
                 raise InvalidAdapterError(
                     f"engine refused adapter '{name}' from '{path}': {e}"
                 ) from e
+            version.pinned = pin
             retire = self.registry.commit(version)
             self._resumed.setdefault(name, _set_event())
             self._publish(name, version)
+            interrupted = 0
+            if interrupt is not None:
+                interrupted = await self._interrupt(self.registry.interrupt_older(name, interrupt))
             logger.info(
-                "lora_ext load name=%s version=%d path=%s latency_ms=%.1f",
+                "lora_ext load name=%s version=%d path=%s interrupt=%s interrupted=%d "
+                "latency_ms=%.1f",
                 name,
                 version.number,
                 path,
+                interrupt,
+                interrupted,
                 1000 * (time.monotonic() - started),
             )
+        self._retire(retire)
+        return version
+
+    def _stage_copy(self, version: Version) -> str:
+        """Copy the adapter files the server will load from (see ``stage_adapters``),
+        and check the copy: what is loaded is what was checked."""
+        if self._stage is None:
+            return version.path
+        dest = self._stage / str(version.lora_int_id)
+        shutil.rmtree(dest, ignore_errors=True)
+        try:
+            shutil.copytree(version.path, dest)
+        except OSError as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise InvalidAdapterError(
+                f"cannot read adapter '{version.name}' from '{version.path}': {e}"
+            ) from e
+        check_adapter_dir(str(dest), self.max_lora_rank, self.model_modules)
+        return str(dest)
+
+    def _unstage(self, version: Version) -> None:
+        if self._stage is not None and version.load_path != version.path:
+            shutil.rmtree(version.load_path, ignore_errors=True)
+
+    async def pin(self, name: str, number: int, pinned: bool) -> Version:
+        """Keep ``name@number`` resident whatever the window, or release that pin."""
+        async with self._load_locks[name]:
+            retire = self.registry.pin(name, number, pinned)
+            version = self.registry.resident(name, number)
         self._retire(retire)
         return version
 
@@ -173,17 +240,18 @@ class LoraManager:
                 await self.engine.remove_lora(v.lora_int_id)
             except Exception:
                 logger.exception("lora_ext failed to remove %s from the engine", v.internal_name)
+            await asyncio.to_thread(self._unstage, v)
 
     # ---- pause / resume / abort -----------------------------------------------------
     async def pause(self, name: str | None, mode: PauseMode, timeout_s: float | None) -> dict:
         if name is None:
             await self.engine.pause_generation(mode=mode)
             return {"lora_name": None, "paused": True, "mode": mode}
-        self.registry.pause(name, mode)
+        flights = self.registry.pause(name, mode)
         self._resumed[name].clear()
         result: dict[str, Any] = {"lora_name": name, "paused": True, "mode": mode}
         if mode in ("abort", "keep"):
-            result["interrupted"] = await self._abort_in_engine(name)
+            result["interrupted"] = await self._interrupt(flights)
         else:
             deadline = time.monotonic() + (timeout_s or self.config.drain_timeout_s)
             while self.registry.in_flight(name):
@@ -209,26 +277,19 @@ class LoraManager:
 
     async def abort(self, name: str) -> int:
         """Abort every in-flight request of ``name``; returns their number."""
-        adapter = self.registry.get(name)
-        for flight in adapter.flights.values():
+        flights = list(self.registry.get(name).flights.values())
+        for flight in flights:
             flight.interrupt = "abort"
-        aborted = await self._abort_in_engine(name)
-        return aborted
+        return await self._interrupt(flights)
 
-    async def _abort_in_engine(self, name: str) -> int:
-        """Abort the engine requests of ``name`` found in the output processor's states
-        (keyed by internal ids; n>1 parents are counted once)."""
-        owned = self.registry.internal_names(name)
-        ids: list[str] = []
-        requests: set[str] = set()
-        for rid, state in list(self.engine.output_processor.request_states.items()):
-            if state.lora_name in owned:
-                ids.append(rid)
-                parent = state.parent_req
-                requests.add(parent.request_id if parent is not None else rid)
+    async def _interrupt(self, flights: list[Flight]) -> int:
+        """Stop the running engine segments of ``flights`` (already marked with how to
+        end). A segment not yet in the engine stops itself on its first output (see
+        :meth:`_run`). Returns the number of requests."""
+        ids = [seg for f in flights for seg in f.segments]
         if ids:
-            await self.engine.abort(ids, internal=True)
-        return len(requests)
+            await self.engine.abort(ids)
+        return len(flights)
 
     def snapshot(self) -> list[dict]:
         return self.registry.snapshot()
@@ -260,6 +321,7 @@ class LoraManager:
             async for out in self._run(flight, prompt, sampling_params, request_id, kwargs):
                 yield out
         finally:
+            self.spans.finish(request_id)
             self._retire(self.registry.release(flight))
 
     async def _hold(self, name: str) -> None:
@@ -307,6 +369,7 @@ class LoraManager:
         self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
     ) -> AsyncGenerator[RequestOutput, None]:
         stitcher = Stitcher(request_id, params)
+        self.spans.track(request_id, stitcher.samples, flight.version.number)
         indices: list[int] | None = None  # None: the first segment, all samples
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
         round_no = 0
@@ -332,6 +395,7 @@ class LoraManager:
                     for g, seg_id in zip(indices, seg_ids, strict=True)
                 ]
                 stitcher.start_segment(indices)
+            flight.segments = seg_ids
             self_aborted: set[int] = set()
             async for i, out in merge_async_iterators(*gens):
                 seen = stitcher.absorb(

@@ -28,10 +28,14 @@ class Version:
     name: str
     number: int
     lora_int_id: int
-    path: str
+    path: str  # what the caller loaded from
+    load_path: str = ""  # what the engine loads (a staged copy, or ``path``)
     refcount: int = 0
     pinned: bool = False
     retired: bool = False  # unloaded: leaves the engine once idle, serves nobody new
+
+    def __post_init__(self) -> None:
+        self.load_path = self.load_path or self.path
 
     @property
     def internal_name(self) -> str:
@@ -48,6 +52,7 @@ class Flight:
     interrupt: Interrupt | None = None
     released: bool = False
     pinned: bool = False  # asked for this version by number: never moved to another
+    segments: list[str] = field(default_factory=list)  # engine request ids running now
 
 
 @dataclass
@@ -99,10 +104,6 @@ class Registry:
             raise UnknownAdapterError(f"unknown adapter '{name}'")
         return self._adapters[name]
 
-    def internal_names(self, name: str) -> set[str]:
-        """Every ``lora_name`` the engine may see for requests of ``name``."""
-        return {v.internal_name for v in self.get(name).versions.values()} | {name}
-
     def owner_of(self, internal_name: str) -> str | None:
         """The stable name an engine-side ``lora_name`` belongs to, if ours."""
         name, number = split_pinned(internal_name)
@@ -145,6 +146,31 @@ class Registry:
             and (v.retired or (n not in newest and not v.pinned))
         ]
 
+    def resident(self, name: str, number: int) -> Version:
+        adapter = self.get(name)
+        version = adapter.versions.get(number)
+        if version is None or version.retired:
+            raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
+        return version
+
+    def pin(self, name: str, number: int, pinned: bool) -> list[Version]:
+        """Keep a version resident whatever the window (or let it go again)."""
+        self.resident(name, number).pinned = pinned
+        return self.retirable(name)
+
+    def interrupt_older(self, name: str, interrupt: Interrupt) -> list[Flight]:
+        """Mark the flights still on an older version (not pinned to it) for a swap's
+        ``abort``/``continue``; returns them."""
+        adapter = self.get(name)
+        marked = [
+            f
+            for f in adapter.flights.values()
+            if f.version.number != adapter.current and not f.pinned
+        ]
+        for f in marked:
+            f.interrupt = interrupt
+        return marked
+
     def retire(self, name: str, number: int | None = None) -> list[Version]:
         """Unload a name (all versions) or one non-current version; each leaves once
         idle. Returns what is retirable now."""
@@ -176,12 +202,7 @@ class Registry:
     def admit(self, name: str, request_id: str, number: int | None = None) -> Flight:
         """Lease the current (or the pinned) version of ``name`` for one request."""
         adapter = self.get(name)
-        if number is None:
-            version = adapter.current_version
-        elif number in adapter.versions and not adapter.versions[number].retired:
-            version = adapter.versions[number]
-        else:
-            raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
+        version = adapter.current_version if number is None else self.resident(name, number)
         if request_id in adapter.flights:
             raise LoraExtError(f"request id '{request_id}' is already in flight")
         version.refcount += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
 
 
 def write_adapter(root: Path, rank: int = 8) -> Path:
@@ -32,6 +33,8 @@ class FakeEngine:
         self.tokens_per_request = tokens_per_request
         self.step_s = step_s
         self.seen_loras: list[str | None] = []
+        self.running: set[str] = set()
+        self.abort_flags: set[str] = set()
 
     async def add_lora(self, lora_request) -> bool:
         if self.fail_add:
@@ -47,6 +50,7 @@ class FakeEngine:
     async def abort(self, request_id, internal: bool = False) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self.aborted.append((ids, internal))
+        self.abort_flags.update(ids)
 
     async def pause_generation(self, *, mode="abort", clear_cache=True) -> None:
         self.global_paused = mode
@@ -55,11 +59,36 @@ class FakeEngine:
         self.global_paused = None
 
     async def generate(self, prompt, params, request_id, *, lora_request=None, **kwargs):
+        """Token at position p of the sequence is ``100 + p``, so a continuation from
+        ``prompt + tokens so far`` yields exactly the tokens an uninterrupted run would.
+        Honours output kinds, ``max_tokens`` and aborts (partial, ``abort``)."""
         self.seen_loras.append(lora_request.lora_name if lora_request else None)
         if self.fail_generate:
             raise self.fail_generate
-        for i in range(self.tokens_per_request):
-            await asyncio.sleep(self.step_s)
-            done = i == self.tokens_per_request - 1
-            c = CompletionOutput(0, " x", [i], None, None, finish_reason="length" if done else None)
-            yield RequestOutput(request_id, "p", [1], None, [c], done)
+        prompt_ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else [1]
+        budget = min(self.tokens_per_request, params.max_tokens or self.tokens_per_request)
+        budget -= len(prompt_ids) - 1  # a continuation's prompt holds tokens already made
+        self.running.add(request_id)
+        tokens: list[int] = []
+        try:
+            while True:
+                await asyncio.sleep(self.step_s)
+                finish = None
+                if request_id in self.abort_flags:
+                    finish = "abort"
+                else:
+                    tokens.append(100 + len(prompt_ids) - 1 + len(tokens))
+                    if len(tokens) >= budget:
+                        finish = "length"
+                if params.output_kind == RequestOutputKind.FINAL_ONLY and finish is None:
+                    continue
+                ids = tokens[-1:] if params.output_kind == RequestOutputKind.DELTA else tokens
+                if finish == "abort" and params.output_kind == RequestOutputKind.DELTA:
+                    ids = []
+                c = CompletionOutput(0, "x" * len(ids), list(ids), None, None, finish_reason=finish)
+                yield RequestOutput(request_id, "p", prompt_ids, None, [c], finish is not None)
+                if finish is not None:
+                    return
+        finally:
+            self.running.discard(request_id)
+            self.abort_flags.discard(request_id)

@@ -4,7 +4,8 @@ filtering, failed loads leaving the previous version serving."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
+import shutil
+from pathlib import Path
 
 import pytest
 from fakes import FakeEngine, write_adapter
@@ -32,8 +33,8 @@ def meow() -> LoRARequest:
     return LoRARequest("meow", 1, "/alias")
 
 
-def params() -> SamplingParams:
-    return SamplingParams(max_tokens=3, output_kind=RequestOutputKind.FINAL_ONLY)
+def params(kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> SamplingParams:
+    return SamplingParams(max_tokens=1000, output_kind=kind)
 
 
 async def drain(gen) -> list:
@@ -118,18 +119,100 @@ async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     await task
 
 
-async def test_abort_filters_engine_states_and_counts_parents_once(tmp_path):
-    m, engine = await make(tmp_path)
-    parent = SimpleNamespace(request_id="parent")
-    engine.output_processor.request_states = {
-        "a": SimpleNamespace(lora_name="meow@1", parent_req=None),
-        "c0": SimpleNamespace(lora_name="meow@1", parent_req=parent),
-        "c1": SimpleNamespace(lora_name="meow@1", parent_req=parent),
-        "w": SimpleNamespace(lora_name="woof@1", parent_req=None),
-        "b": SimpleNamespace(lora_name=None, parent_req=None),
-    }
+async def test_abort_stops_only_the_segments_of_that_adapter(tmp_path):
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 100, "step_s": 0.01})
+    await m.load("woof", str(write_adapter(tmp_path / "woof1")))
+    meows = [
+        asyncio.create_task(drain(engine.generate("p", params(), f"m{i}", lora_request=meow())))
+        for i in range(2)
+    ]
+    woof = asyncio.create_task(
+        drain(engine.generate("p", params(), "w", lora_request=LoRARequest("woof", 2, "/x")))
+    )
+    await wait_until(lambda: len(engine.running) == 3)
     assert await m.abort("meow") == 2
-    assert engine.aborted == [(["a", "c0", "c1"], True)]
+    assert sorted(engine.aborted[0][0]) == ["m0", "m1"]
+    for t in meows:
+        assert (await t)[-1].outputs[0].finish_reason == "abort"
+    assert (await woof)[-1].outputs[0].finish_reason == "length"
+
+
+async def wait_until(cond, timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 - polling fake state is the point
+            await asyncio.sleep(0.005)
+
+
+async def start_long(engine, rid: str, kind=RequestOutputKind.DELTA) -> asyncio.Task:
+    task = asyncio.create_task(drain(engine.generate("p", params(kind), rid, lora_request=meow())))
+    await wait_until(lambda: rid in engine.running)
+    await asyncio.sleep(0.05)  # some tokens on the old version
+    return task
+
+
+@pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE])
+async def test_load_with_continue_moves_in_flight_requests_to_the_new_version(tmp_path, kind):
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 40, "step_s": 0.005})
+    task = await start_long(engine, "r1", kind)
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")), interrupt="continue")
+    outs = await asyncio.wait_for(task, 5)
+    if kind == RequestOutputKind.DELTA:
+        tokens = [t for o in outs for t in o.outputs[0].token_ids]
+    else:
+        tokens = list(outs[-1].outputs[0].token_ids)
+    assert tokens == list(range(100, 140))  # nothing lost, nothing repeated
+    assert outs[-1].outputs[0].finish_reason == "length"
+    assert engine.seen_loras == ["meow@1", "meow@2"]
+    spans = m.spans.choices("r1")
+    assert [s.version for s in spans[0]] == [1, 2]
+    assert spans[0][0].start == 0 and spans[0][-1].end == 40
+    assert spans[0][0].end == spans[0][1].start
+
+
+async def test_load_with_abort_ends_in_flight_requests_partial(tmp_path):
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 400, "step_s": 0.005})
+    task = await start_long(engine, "r1", RequestOutputKind.CUMULATIVE)
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")), interrupt="abort")
+    out = (await asyncio.wait_for(task, 5))[-1].outputs[0]
+    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 400
+    assert engine.seen_loras == ["meow@1"]
+
+
+async def test_default_load_lets_in_flight_requests_finish_on_their_version(tmp_path):
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 40, "step_s": 0.005})
+    task = await start_long(engine, "r1")
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+    outs = await asyncio.wait_for(task, 5)
+    assert outs[-1].outputs[0].finish_reason == "length"
+    assert engine.seen_loras == ["meow@1"] and engine.aborted == []
+    assert [s.version for s in m.spans.choices("r1")[0]] == [1]
+
+
+async def test_staged_copy_outlives_the_source_and_leaves_with_the_version(tmp_path):
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 40, "step_s": 0.005})
+    v1 = m.registry.get("meow").current_version
+    assert v1.load_path != v1.path and engine.loaded[v1.lora_int_id].lora_path == v1.load_path
+    shutil.rmtree(v1.path)  # the trainer deletes its files: the engine's copy stays
+    task = await start_long(engine, "r1")
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+    assert Path(v1.load_path).is_dir()  # noqa: ASYNC240 - still in use
+    await asyncio.wait_for(task, 5)
+    await wait_until(lambda: not Path(v1.load_path).exists())
+    assert v1.lora_int_id in engine.removed
+    stage = Path(m.registry.get("meow").current_version.load_path).parent
+    await m.shutdown()
+    assert not stage.exists()
+
+
+async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
+    m, _ = await make(tmp_path)  # keep_versions=1
+    await m.pin("meow", 1, True)
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+    await m.load("meow", str(write_adapter(tmp_path / "meow3")))
+    await wait_until(lambda: sorted(m.registry.get("meow").versions) == [1, 3])
+    await m.pin("meow", 1, False)
+    await wait_until(lambda: sorted(m.registry.get("meow").versions) == [3])
+    await m.shutdown()
 
 
 async def test_failed_load_keeps_previous_version_and_cleans_engine(tmp_path):

@@ -21,7 +21,6 @@ def test_versions_get_their_own_ids_and_internal_names():
     assert a.current == 2
     assert [v.lora_int_id for v in a.versions.values()] == [100, 101]
     assert {v.internal_name for v in a.versions.values()} == {"meow@1", "meow@2"}
-    assert reg.internal_names("meow") == {"meow", "meow@1", "meow@2"}
     assert reg.owner_of("meow@2") == "meow" and reg.owner_of("meow") == "meow"
     assert reg.owner_of("meow@9") is None and reg.owner_of("woof") is None
 

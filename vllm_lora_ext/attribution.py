@@ -1,0 +1,243 @@
+"""Which adapter version produced which tokens, reported in the OpenAI responses.
+
+An RL trainer needs this for off-policy correction when a continuation spans a swap.
+The manager records, per engine request, the spans of each sample (:class:`SpanBook`);
+:class:`AttributionMiddleware` adds them to vLLM's own completion/chat responses:
+
+- every choice gets ``lora_versions: [{"version", "start", "end"}]`` (token offsets into
+  that choice's completion; in a stream, on the chunk that carries its finish reason);
+- the response header ``x-lora-version`` names the final version (for a stream, whose
+  headers leave before any token, the version the request was admitted on).
+
+Requests on the base model or on adapters we do not manage are left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vllm_lora_ext.continuation import Sample, Span
+
+VERSION_HEADER = "x-lora-version"
+ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+@dataclass
+class _Record:
+    admitted: int
+    samples: Sequence[Sample] | None  # live while the request runs
+    spans: list[list[Span]] | None = None  # frozen copy once it ended
+
+    def per_sample(self) -> list[list[Span]]:
+        if self.spans is not None:
+            return self.spans
+        return [list(s.spans) for s in self.samples or ()]
+
+
+class SpanBook:
+    """Engine request id -> per-sample spans; bounded (oldest dropped first) so records
+    nobody reads (non-HTTP callers, dropped connections) cannot grow without end."""
+
+    def __init__(self, capacity: int = 16384) -> None:
+        self.capacity = capacity
+        self._records: OrderedDict[str, _Record] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def track(self, request_id: str, samples: Sequence[Sample], admitted: int) -> None:
+        self._records[request_id] = _Record(admitted, samples)
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+
+    def finish(self, request_id: str) -> None:
+        """Keep only the spans (not the tokens) of a request that ended."""
+        record = self._records.get(request_id)
+        if record is not None and record.spans is None:
+            record.spans = record.per_sample()
+            record.samples = None
+
+    def _ids(self, response_id: str) -> list[str]:
+        # Chat uses the response id itself; completions run one engine request per
+        # prompt, "<id>-<i>", whose samples make up the choices in prompt order.
+        if response_id in self._records:
+            return [response_id]
+        ids, i = [], 0
+        while f"{response_id}-{i}" in self._records:
+            ids.append(f"{response_id}-{i}")
+            i += 1
+        return ids
+
+    def admitted(self, response_id: str) -> int | None:
+        ids = self._ids(response_id)
+        return self._records[ids[0]].admitted if ids else None
+
+    def choices(self, response_id: str) -> list[list[Span]] | None:
+        """Spans per choice index, or None if the response is not ours."""
+        ids = self._ids(response_id)
+        if not ids:
+            return None
+        return [spans for rid in ids for spans in self._records[rid].per_sample()]
+
+    def forget(self, response_id: str) -> None:
+        for rid in self._ids(response_id):
+            self._records.pop(rid, None)
+
+
+def spans_json(spans: list[Span]) -> list[dict[str, int]]:
+    return [{"version": s.version, "start": s.start, "end": s.end} for s in spans]
+
+
+def final_version(per_choice: list[list[Span]], admitted: int) -> int:
+    last = [spans[-1].version for spans in per_choice if spans]
+    return max(last) if last else admitted
+
+
+def annotate(body: dict[str, Any], book: SpanBook, final: bool) -> int | None:
+    """Add ``lora_versions`` to the choices of one response (or of one stream chunk,
+    only those that finished unless ``final``); returns the final version, or None."""
+    rid = body.get("id")
+    choices = body.get("choices")
+    if not isinstance(rid, str) or not isinstance(choices, list):
+        return None
+    per_choice = book.choices(rid)
+    admitted = book.admitted(rid)
+    if per_choice is None or admitted is None:
+        return None
+    for choice in choices:
+        index = choice.get("index") if isinstance(choice, dict) else None
+        if not isinstance(index, int) or not 0 <= index < len(per_choice):
+            continue
+        if final or choice.get("finish_reason") is not None:
+            choice["lora_versions"] = spans_json(per_choice[index])
+    return final_version(per_choice, admitted)
+
+
+def _header(message: Message, name: str) -> str | None:
+    for key, value in message.get("headers", []):
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _set_header(message: Message, name: str, value: str) -> None:
+    headers = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() != name]
+    headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    message["headers"] = headers
+
+
+class AttributionMiddleware:
+    """Pure ASGI (no buffering of other routes; streams stay streams)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        book = self._book(scope)
+        if book is None:
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        mode: str | None = None  # "json", "sse" or "pass"
+        chunks: list[bytes] = []
+        sse_tail = b""
+        response_id: str | None = None
+
+        async def wrapped(message: Message) -> None:
+            nonlocal start, mode, sse_tail, response_id
+            if message["type"] == "http.response.start":
+                start = message
+                ctype = _header(message, "content-type") or ""
+                if message.get("status") != 200:
+                    mode = "pass"
+                elif ctype.startswith("application/json"):
+                    mode = "json"
+                elif ctype.startswith("text/event-stream"):
+                    mode = "sse"
+                else:
+                    mode = "pass"
+                if mode == "pass":
+                    await send(message)
+                    start = None
+                return
+            if message["type"] != "http.response.body" or mode == "pass":
+                await send(message)
+                return
+            if mode == "json":
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                raw = b"".join(chunks)
+                out, version = _annotate_json(raw, book)
+                assert start is not None
+                if version is not None:
+                    _set_header(start, VERSION_HEADER, str(version))
+                _set_header(start, "content-length", str(len(out)))
+                await send(start)
+                await send({"type": "http.response.body", "body": out, "more_body": False})
+                return
+            # Server-sent events: annotate whole events, pass the rest on as it comes.
+            data = sse_tail + message.get("body", b"")
+            events = data.split(b"\n\n")
+            sse_tail = events.pop()
+            out_events = []
+            for event in events:
+                text = event.decode("utf-8")
+                if text.startswith("data: ") and text != "data: [DONE]":
+                    try:
+                        body = json.loads(text[6:])
+                    except ValueError:
+                        body = None
+                    if isinstance(body, dict):
+                        response_id = response_id or body.get("id")
+                        if annotate(body, book, final=False) is not None:
+                            text = "data: " + json.dumps(body, separators=(",", ":"))
+                elif text == "data: [DONE]" and response_id:
+                    book.forget(response_id)
+                out_events.append(text.encode("utf-8") + b"\n\n")
+            if start is not None:
+                admitted = book.admitted(response_id) if response_id else None
+                if admitted is not None:
+                    _set_header(start, VERSION_HEADER, str(admitted))
+                await send(start)
+                start = None
+            more = message.get("more_body", False)
+            if not more and sse_tail:
+                out_events.append(sse_tail)
+                sse_tail = b""
+            if out_events or not more:
+                await send(
+                    {"type": "http.response.body", "body": b"".join(out_events), "more_body": more}
+                )
+
+        await self.app(scope, receive, wrapped)
+
+    @staticmethod
+    def _book(scope: Scope) -> SpanBook | None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return None
+        if scope.get("path") not in ATTRIBUTED_PATHS:
+            return None
+        app = scope.get("app")
+        manager = getattr(getattr(app, "state", None), "lora_ext", None)
+        return getattr(manager, "spans", None)
+
+
+def _annotate_json(raw: bytes, book: SpanBook) -> tuple[bytes, int | None]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw, None
+    if not isinstance(body, dict):
+        return raw, None
+    version = annotate(body, book, final=True)
+    if version is None:
+        return raw, None
+    book.forget(body["id"])
+    return json.dumps(body, separators=(",", ":")).encode("utf-8"), version
