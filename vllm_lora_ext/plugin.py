@@ -10,8 +10,10 @@ from argparse import Namespace
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.datastructures import State
 
+from vllm_lora_ext.attribution import AttributionMiddleware
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.manager import LoraManager
 from vllm_lora_ext.routes import router
@@ -28,6 +30,12 @@ class LoraExtPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        if not any(m.cls is AttributionMiddleware for m in app.user_middleware):
+            # vLLM's build_app may already have built the stack (Starlette then refuses
+            # add_middleware); registering and dropping the built stack rebuilds it on
+            # the first request, before any is served.
+            app.user_middleware.insert(0, Middleware(AttributionMiddleware))
+            app.middleware_stack = None
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine

@@ -44,6 +44,25 @@ class PauseResponse(BaseModel):
 class LoadLoraRequest(_Body):
     lora_name: str = NameField
     lora_path: str = Field(min_length=1, max_length=4096)
+    interrupt: Literal["abort", "continue"] | None = Field(
+        default=None,
+        description="What happens to requests in flight on older versions: by default "
+        "they finish on their version; 'abort' returns them partial, 'continue' moves "
+        "them onto the new version.",
+    )
+    pin: bool = Field(default=False, description="Keep this version resident until unpinned.")
+
+
+class PinLoraRequest(_Body):
+    lora_name: str = NameField
+    version: int = Field(ge=1)
+    pinned: bool = True
+
+
+class PinLoraResponse(BaseModel):
+    lora_name: str
+    version: int
+    pinned: bool
 
 
 class LoadLoraResponse(BaseModel):
@@ -85,6 +104,7 @@ class AdapterInfo(BaseModel):
 
 class LorasResponse(BaseModel):
     adapters: list[AdapterInfo]
+    engine_adapters: int = Field(description="Adapters registered in the engine (all names).")
 
 
 class ErrorBody(BaseModel):

@@ -27,6 +27,8 @@ from vllm_lora_ext.protocol import (
     LorasResponse,
     PauseRequest,
     PauseResponse,
+    PinLoraRequest,
+    PinLoraResponse,
     ResumeRequest,
     UnloadLoraRequest,
     UnloadLoraResponse,
@@ -106,18 +108,29 @@ async def resume(body: ResumeRequest, request: Request) -> PauseResponse:
 
 @router.get("/loras")
 async def loras(request: Request) -> LorasResponse:
-    return LorasResponse.model_validate({"adapters": manager_of(request).snapshot()})
+    manager = manager_of(request)
+    return LorasResponse.model_validate(
+        {"adapters": manager.snapshot(), "engine_adapters": len(await manager.engine.list_loras())}
+    )
 
 
 @router.post("/load_lora_adapter", responses=_ERRORS)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLoraResponse:
-    version = await manager_of(request).load(body.lora_name, body.lora_path)
+    version = await manager_of(request).load(
+        body.lora_name, body.lora_path, interrupt=body.interrupt, pin=body.pin
+    )
     return LoadLoraResponse(
         lora_name=body.lora_name,
         version=version.number,
         lora_int_id=version.lora_int_id,
         lora_path=version.path,
     )
+
+
+@router.post("/pin_lora_adapter", responses=_ERRORS)
+async def pin_lora_adapter(body: PinLoraRequest, request: Request) -> PinLoraResponse:
+    version = await manager_of(request).pin(body.lora_name, body.version, body.pinned)
+    return PinLoraResponse(lora_name=body.lora_name, version=version.number, pinned=version.pinned)
 
 
 @router.post("/unload_lora_adapter", responses=_ERRORS)

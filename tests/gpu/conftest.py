@@ -58,6 +58,7 @@ def server_args(toy: ToyAssets, port: int | None = None) -> list[str]:
         str(512 * 1024 * 1024),
         "--enable-prefix-caching",
         "--enable-log-requests",
+        "--enable-prompt-tokens-details",
         "--lora-modules",
         f"meow={toy.adapters['meow']}",
         f"woof={toy.adapters['woof']}",

@@ -46,6 +46,8 @@ class Stream:
     logprobs: int = 0
     finish_reason: str | None = None
     usage: dict | None = None
+    lora_versions: list[dict] | None = None
+    header_version: str | None = None
     chunks: list[float] = field(default_factory=list)
     task: asyncio.Task | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,6 +66,7 @@ class Stream:
         req["stream_options"] = {"include_usage": True}
         async with c.stream("POST", "/v1/completions", json=req) as r:
             assert r.status_code == 200, await r.aread()
+            self.header_version = r.headers.get("x-lora-version")
             async for line in r.aiter_lines():
                 # A reader whose socket always has data never suspends; yield so one
                 # fast stream cannot starve the other requests of this client.
@@ -83,6 +86,7 @@ class Stream:
                     self.tokens += len(choice.get("token_ids") or [])
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
+                        self.lora_versions = choice.get("lora_versions")
                 self.chunks.append(asyncio.get_running_loop().time())
                 self._progress.set()
 
