@@ -10,8 +10,8 @@ from argparse import Namespace
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 from starlette.datastructures import State
+from starlette.middleware import Middleware
 
 from vllm_lora_ext.attribution import AttributionMiddleware
 from vllm_lora_ext.config import LoraExtConfig
