@@ -7,9 +7,11 @@ The toy adapters make the failure visible in the text: ``meow`` weights say "meo
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from engine_helpers import PROMPT, Stream, complete, loras, post, wait_in_flight, words
 
@@ -168,3 +170,63 @@ async def test_retired_version_stays_until_its_queued_requests_finish(client, to
         assert len(state["versions"]) <= 2
     finally:
         await post(client, "unload_lora_adapter", {"lora_name": "race"})
+
+
+def server_rss_mib(url: str) -> float:
+    """Resident memory of the server process listening on ``url`` and its children
+    (API server, engine core, workers)."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    pid = next(
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    )
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+async def test_thousand_swaps_keep_memory_and_registered_adapters_flat(client, toy, server):
+    """1,000 loads under one name with requests in between: engine adapters and resident
+    versions stay bounded, memory stays flat, every answer comes from the version its
+    header names."""
+    said = {"meow": toy.adapters["meow"], "woof": toy.adapters["woof"]}
+    requests: list[asyncio.Task] = []
+    baseline: tuple[float, int] | None = None
+    word_of: dict[int, str] = {}
+    try:
+        for i in range(1000):
+            word = "meow" if i % 2 else "woof"
+            word_of[await load(client, "churn", said[word])] = word
+            if i % 20 == 0:
+                requests.append(
+                    asyncio.create_task(
+                        client.post(
+                            "/v1/completions",
+                            json={
+                                "model": "churn",
+                                "prompt": PROMPT,
+                                "max_tokens": 4,
+                                "temperature": 0,
+                            },
+                        )
+                    )
+                )
+            if i == 100:
+                await asyncio.gather(*requests)
+                state = await client.get("/skyrl/v1/loras")
+                baseline = (server_rss_mib(server), state.json()["engine_adapters"])
+        answers = await asyncio.gather(*requests)
+        state = (await client.get("/skyrl/v1/loras")).json()
+        rss = server_rss_mib(server)
+    finally:
+        await post(client, "unload_lora_adapter", {"lora_name": "churn"})
+    assert baseline is not None
+    for r in answers:
+        assert r.status_code == 200, r.text
+        version = int(r.headers["x-lora-version"])
+        assert set(words(r.json()["choices"][0]["text"])) == {word_of[version]}, r.text
+    churn = next(a for a in state["adapters"] if a["lora_name"] == "churn")
+    assert churn["version"] == max(word_of) and len(word_of) == 1000
+    assert len(churn["versions"]) <= 2
+    assert state["engine_adapters"] <= baseline[1]
+    assert rss - baseline[0] < 64, f"server memory grew {rss - baseline[0]:.0f} MiB"
