@@ -201,16 +201,18 @@ class AttributionMiddleware:
                 elif text == "data: [DONE]" and response_id:
                     book.forget(response_id)
                 out_events.append(text.encode("utf-8") + b"\n\n")
+            more = message.get("more_body", False)
+            if not more and sse_tail:
+                out_events.append(sse_tail)
+                sse_tail = b""
+            if not out_events and more:
+                return  # no whole event yet: headers wait for the first one (its id)
             if start is not None:
                 admitted = book.admitted(response_id) if response_id else None
                 if admitted is not None:
                     _set_header(start, VERSION_HEADER, str(admitted))
                 await send(start)
                 start = None
-            more = message.get("more_body", False)
-            if not more and sse_tail:
-                out_events.append(sse_tail)
-                sse_tail = b""
             if out_events or not more:
                 await send(
                     {"type": "http.response.body", "body": b"".join(out_events), "more_body": more}

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,15 @@ from vllm_lora_ext.validation import check_adapter_dir, model_module_names
 logger = logging.getLogger("vllm.lora_ext")
 
 _POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What one load did (the HTTP answer and the swap metrics)."""
+
+    version: Version
+    interrupted: int
+    latency_ms: float
 
 
 def lora_request_of(version: Version) -> LoRARequest:
@@ -115,7 +125,7 @@ class LoraManager:
     # ---- adapters -----------------------------------------------------------------
     async def load(
         self, name: str, path: str, interrupt: Interrupt | None = None, pin: bool = False
-    ) -> Version:
+    ) -> Loaded:
         """Load ``path`` as the new current version of ``name``. By default requests in
         flight finish on the version they started on; ``interrupt`` ends them partial
         (``abort``) or moves them onto the new version (``continue``). Loads of one name
@@ -128,7 +138,9 @@ class LoraManager:
             version = self.registry.new_version(name, path)
             try:
                 version.load_path = await asyncio.to_thread(self._stage_copy, version)
+                t_add = time.monotonic()
                 await self.engine.add_lora(lora_request_of(version))
+                version.add_lora_ms = 1000 * (time.monotonic() - t_add)
             except LoraExtError:
                 await asyncio.to_thread(self._unstage, version)
                 raise
@@ -147,16 +159,17 @@ class LoraManager:
                 interrupted = await self._interrupt(self.registry.interrupt_older(name, interrupt))
             logger.info(
                 "lora_ext load name=%s version=%d path=%s interrupt=%s interrupted=%d "
-                "latency_ms=%.1f",
+                "add_lora_ms=%.1f latency_ms=%.1f",
                 name,
                 version.number,
                 path,
                 interrupt,
                 interrupted,
+                version.add_lora_ms,
                 1000 * (time.monotonic() - started),
             )
         self._retire(retire)
-        return version
+        return Loaded(version, interrupted, 1000 * (time.monotonic() - started))
 
     def _stage_copy(self, version: Version) -> str:
         """Copy the adapter files the server will load from (see ``stage_adapters``),

@@ -70,6 +70,10 @@ class LoadLoraResponse(BaseModel):
     version: int
     lora_int_id: int
     lora_path: str
+    pinned: bool
+    interrupted: int = Field(description="Requests stopped by 'interrupt'.")
+    add_lora_ms: float = Field(description="The engine's add_lora time alone.")
+    latency_ms: float = Field(description="The whole load: checks, staging, add_lora, commit.")
 
 
 class UnloadLoraRequest(_Body):

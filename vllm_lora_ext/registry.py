@@ -33,6 +33,7 @@ class Version:
     refcount: int = 0
     pinned: bool = False
     retired: bool = False  # unloaded: leaves the engine once idle, serves nobody new
+    add_lora_ms: float = 0.0  # the engine's own load time (the floor of a swap)
 
     def __post_init__(self) -> None:
         self.load_path = self.load_path or self.path

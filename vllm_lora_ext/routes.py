@@ -116,14 +116,19 @@ async def loras(request: Request) -> LorasResponse:
 
 @router.post("/load_lora_adapter", responses=_ERRORS)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLoraResponse:
-    version = await manager_of(request).load(
+    loaded = await manager_of(request).load(
         body.lora_name, body.lora_path, interrupt=body.interrupt, pin=body.pin
     )
+    version = loaded.version
     return LoadLoraResponse(
         lora_name=body.lora_name,
         version=version.number,
         lora_int_id=version.lora_int_id,
         lora_path=version.path,
+        pinned=version.pinned,
+        interrupted=loaded.interrupted,
+        add_lora_ms=round(version.add_lora_ms, 3),
+        latency_ms=round(loaded.latency_ms, 3),
     )
 
 

@@ -241,3 +241,15 @@ async def test_swap_retires_old_version_after_its_last_request(tmp_path):
     assert engine.removed == [old_id]
     assert list(m.registry.get("meow").versions) == [2]
     await m.shutdown()
+
+
+async def test_keep_pause_without_resume_ends_partial_and_releases(tmp_path):
+    m, engine = await make(
+        tmp_path, resume_timeout_s=0.1, engine={"tokens_per_request": 400, "step_s": 0.005}
+    )
+    task = await start_long(engine, "r1", RequestOutputKind.CUMULATIVE)
+    await m.pause("meow", "keep", None)
+    out = (await asyncio.wait_for(task, 5))[-1].outputs[0]
+    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 400
+    assert m.registry.in_flight("meow") == 0
+    assert m.registry.get("meow").current_version.refcount == 0

@@ -1,0 +1,28 @@
+"""Settings validated at the edge: the retention window against the trainer's staleness."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from vllm_lora_ext.config import LoraExtConfig
+
+
+def test_window_defaults_to_staleness_plus_two():
+    assert LoraExtConfig().window == 2
+    assert LoraExtConfig(max_off_policy=3).window == 5
+    assert LoraExtConfig(max_off_policy=3, keep_versions=4).window == 4
+
+
+def test_window_smaller_than_staleness_names_the_failure_it_prevents():
+    with pytest.raises(ValidationError, match="adapter not found"):
+        LoraExtConfig(max_off_policy=3, keep_versions=3)
+    with pytest.raises(ValidationError):
+        LoraExtConfig(keep_versions=0)
+
+
+def test_environment_is_read_with_the_prefix(monkeypatch):
+    monkeypatch.setenv("LORA_EXT_MAX_OFF_POLICY", "1")
+    monkeypatch.setenv("LORA_EXT_HOLD_TIMEOUT_S", "7")
+    config = LoraExtConfig()
+    assert config.window == 3 and config.hold_timeout_s == 7
