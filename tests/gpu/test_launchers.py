@@ -8,8 +8,9 @@ import sys
 import httpx
 import psutil
 import pytest
-from conftest import free_port, server_args, start_server
 from engine_helpers import PROMPT
+
+from vllm_lora_ext.toy_server import free_port, server_args, start_server
 
 
 def _smoke(url: str) -> None:
