@@ -3,14 +3,12 @@ a Ray actor. Each starts its own engine and must leave no engine process behind.
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import psutil
 import pytest
 from engine_helpers import PROMPT
 
-from vllm_lora_ext.toy_server import free_port, server_args, start_server
+from vllm_lora_ext.toy_server import free_port, server_args, start_server, stock_vllm_cmd
 
 
 def _smoke(url: str) -> None:
@@ -35,7 +33,7 @@ def _smoke(url: str) -> None:
 
 def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *server_args(toy, port)]
+    cmd = stock_vllm_cmd(toy, port)
     server = start_server(cmd, port, tmp_path / "stock.log", {"VLLM_PLUGINS": "lora_ext"})
     try:
         _smoke(server.url)
@@ -47,7 +45,7 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
 def test_stock_launcher_without_allowlist_has_no_routes(toy, tmp_path):
     """Endpoint plugins are opt-in: without VLLM_PLUGINS the routes must not appear."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *server_args(toy, port)]
+    cmd = stock_vllm_cmd(toy, port)
     env = {"VLLM_PLUGINS": ""}
     server = start_server(cmd, port, tmp_path / "stock.log", env)
     try:
