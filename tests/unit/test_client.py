@@ -1,0 +1,188 @@
+"""The client's retry state machine and fan-out against scripted fake servers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from fake_server import PROMPT_IDS, FakeServer, Replicas, expected_tokens
+
+from vllm_lora_ext.client import (
+    FanoutError,
+    RemoteInferenceClient,
+    RequestRejected,
+    RetryPolicy,
+    SampleRetryError,
+    SyncInferenceClient,
+)
+
+FAST = RetryPolicy(deadline_s=5, max_attempts=20, backoff_initial_s=0.001, backoff_max_s=0.01)
+
+
+def make(
+    *scripts: list[tuple], **kwargs
+) -> tuple[RemoteInferenceClient, list[FakeServer], Replicas]:
+    servers = [FakeServer(script=list(s)) for s in scripts]
+    transport = Replicas({f"r{i}": s for i, s in enumerate(servers)})
+    urls = [f"http://r{i}" for i in range(len(servers))]
+    kwargs.setdefault("retry", FAST)
+    return RemoteInferenceClient(urls, transport=transport, **kwargs), servers, transport
+
+
+def check_aligned(sample, max_tokens: int) -> None:
+    assert sample.token_ids == expected_tokens(max_tokens)  # none dropped, none repeated
+    assert sample.logprobs == [-(t - 100) / 1000 for t in sample.token_ids]  # 1:1, in order
+    assert len(sample.token_ids) == max_tokens  # never over-generated
+
+
+async def test_no_abort_is_one_dispatch():
+    client, (server,), _ = make([])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    check_aligned(r.samples[0], 8)
+    assert r.samples[0].finish_reason == "length" and len(server.calls) == 1
+    assert server.calls[0]["logprobs"] == 0 and server.calls[0]["prompt"] == PROMPT_IDS
+
+
+@pytest.mark.parametrize("cuts", [[3], [0, 5], [2, 0, 0, 1], [7]])
+async def test_aborts_are_continued_to_exactly_max_tokens(cuts):
+    client, (server,), _ = make([("abort", k) for k in cuts])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
+    check_aligned(r.samples[0], 10)
+    assert r.samples[0].finish_reason == "length"
+    assert server.made == 10
+    # Each resubmission carries the prompt plus the tokens so far, and only what is left.
+    done = 0
+    for call, k in zip(server.calls[1:], cuts, strict=False):
+        done += k
+        assert call["prompt"] == PROMPT_IDS + expected_tokens(done)
+        assert call["max_tokens"] == 10 - done and call["n"] == 1
+
+
+async def test_abort_at_the_budget_is_a_length_finish():
+    client, (server,), _ = make([("abort", 6)])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=6)
+    assert r.samples[0].finish_reason == "length" and len(server.calls) == 1
+
+
+async def test_each_of_n_samples_is_continued_on_its_own():
+    client, (server,), _ = make([("abort", 2, (1, 3))])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=5, n=4)
+    for s in r.samples:
+        check_aligned(s, 5)
+    assert [s.attempts for s in r.samples] == [1, 2, 1, 2]
+    assert len(server.calls) == 3 and all(c["n"] == 1 for c in server.calls[1:])
+
+
+async def test_version_spans_join_across_a_swap():
+    client, (server,), _ = make([("abort", 4)])
+    server.call_versions = [1, 2]  # the adapter was swapped between the two calls
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
+    assert r.samples[0].lora_versions == [
+        {"version": 1, "start": 0, "end": 4},
+        {"version": 2, "start": 4, "end": 10},
+    ]
+    assert r.version == 2
+
+
+async def test_slow_resume_503s_are_retried_with_backoff():
+    client, (server,), _ = make([("abort", 3), (503, "paused"), (503, "paused")])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=6)
+    check_aligned(r.samples[0], 6)
+    assert len(server.calls) == 4
+
+
+async def test_deadline_expiry_raises_with_the_partial_result():
+    policy = RetryPolicy(deadline_s=0.2, max_attempts=1000, backoff_initial_s=0.01)
+    client, _, _ = make([("abort", 4), *[(503, "paused")] * 1000], retry=policy)
+    with pytest.raises(SampleRetryError, match="deadline") as err:
+        await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
+    partial = err.value.partial.samples[0]
+    assert partial.token_ids == expected_tokens(4) and partial.finish_reason == "abort"
+
+
+async def test_max_attempts_bounds_an_abort_storm():
+    policy = FAST.model_copy(update={"max_attempts": 3})
+    client, _, _ = make([("abort", 1)] * 10, retry=policy)
+    with pytest.raises(SampleRetryError, match="3 attempts") as err:
+        await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
+    assert err.value.partial.samples[0].token_ids == expected_tokens(3)
+
+
+async def test_client_errors_are_not_retried():
+    client, (server,), _ = make([(404, "unknown adapter 'nope'")])
+    with pytest.raises(RequestRejected, match="unknown adapter") as err:
+        await client.sample_with_retry("nope", prompt_token_ids=PROMPT_IDS, max_tokens=4)
+    assert err.value.status == 404 and len(server.calls) == 1
+
+
+async def test_a_dead_replica_is_skipped_and_retried_later():
+    client, servers, transport = make([], [], down_for_s=60)
+    transport.down.add("r0")
+    for _ in range(6):
+        r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
+        assert r.replica == "http://r1"
+    assert transport.refused.count("r0") == 1  # tried once, then left alone
+    client.down_for_s = 0
+    client.replicas[0].down_until = 0
+    transport.down.clear()
+    await asyncio.gather(
+        *(client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2) for _ in range(8))
+    )
+    assert servers[0].calls  # back in rotation
+
+
+async def test_sync_lora_names_the_failed_replica_and_leaves_none_paused():
+    client, servers, transport = make([], [], [])
+    servers[1].control_fail["load_lora_adapter"] = 400
+    transport.down.add("r2")
+    with pytest.raises(FanoutError) as err:
+        await client.sync_lora("meow", "/ckpt/7", pause=True)
+    assert set(err.value.failures) == {"http://r1", "http://r2"}
+    assert "load" in err.value.failures["http://r1"]
+    assert "pause" in err.value.failures["http://r2"]
+    for server in servers[:2]:  # both reachable replicas were paused, then resumed
+        ops = [op for op, _ in server.control]
+        assert ops[0] == "pause" and ops[-1] == "resume"
+    assert servers[0].version == 2 and servers[1].version == 1
+
+
+async def test_fanout_reaches_every_replica():
+    client, servers, _ = make([], [])
+    state = await client.list_loras()
+    assert set(state) == {"http://r0", "http://r1"}
+    assert state["http://r0"]["meow"]["version"] == 1
+    await client.sync_lora("meow", "/ckpt/2")
+    assert [s.version for s in servers] == [2, 2]
+
+
+def test_usable_from_several_event_loops_and_threads():
+    client, _, _ = make([])
+
+    async def once() -> list[int]:
+        r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=3)
+        return r.samples[0].token_ids
+
+    assert asyncio.run(once()) == expected_tokens(3)
+    assert asyncio.run(once()) == expected_tokens(3)  # a new loop: no stale state
+    out: list[list[int]] = []
+    t = threading.Thread(target=lambda: out.append(asyncio.run(once())))
+    t.start()
+    t.join(10)
+    assert out == [expected_tokens(3)]
+
+
+def test_sync_wrapper():
+    servers = {"r0": FakeServer(script=[("abort", 2)])}
+    with SyncInferenceClient(["http://r0"], transport=Replicas(servers), retry=FAST) as c:
+        r = c.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=5)
+        assert r.samples[0].token_ids == expected_tokens(5)
+        assert c.list_loras()["http://r0"]["meow"]["version"] == 1
+
+
+async def test_tokens_without_a_logprob_are_dropped_and_made_again():
+    client, (server,), _ = make([("abort", 5)])
+    server.short_logprobs = 1
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    check_aligned(r.samples[0], 8)
+    assert server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(4)

@@ -1,0 +1,604 @@
+"""Client for training controllers: sampling that survives pauses and swaps, and control
+operations fanned out over every replica.
+
+- :meth:`RemoteInferenceClient.sample` dispatches once to the least-loaded healthy replica.
+- :meth:`RemoteInferenceClient.sample_with_retry` turns an ``abort`` (a pause in mode
+  ``abort``, an abort route, a swap with ``interrupt: abort``) into a continuation: it
+  keeps the partial tokens and logprobs and resubmits ``prompt + tokens so far`` with what
+  is left of ``max_tokens``, so the result holds exactly the tokens the caller asked for.
+  While the adapter is paused the server holds the resubmitted request (and answers 503
+  once its hold times out); the client backs off, bounded by a deadline and a number of
+  attempts, then raises :class:`SampleRetryError` carrying the partial result.
+- Control operations (pause, resume, load, unload, list, ``sync_lora``) go to every
+  replica at once and report exactly which replicas failed (:class:`FanoutError`).
+
+No asyncio object outlives the event loop that made it: one ``httpx.AsyncClient`` per
+loop, so the client can be shared by coroutines and used from several loops or threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+ROUTES = "/skyrl/v1"
+
+
+class RetryPolicy(BaseModel):
+    """Bounds of :meth:`RemoteInferenceClient.sample_with_retry`."""
+
+    deadline_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=64, ge=1)
+    backoff_initial_s: float = Field(default=0.05, gt=0)
+    backoff_max_s: float = Field(default=2.0, gt=0)
+
+
+@dataclass
+class Sample:
+    """One sample: tokens and the logprob of each (1:1), never the prompt's."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    lora_versions: list[dict[str, int]] = field(default_factory=list)
+    attempts: int = 0
+
+    def extend(self, seg: Sample) -> None:
+        """Append a continuation segment (its spans shift by the tokens before it)."""
+        offset = len(self.token_ids)
+        for span in seg.lora_versions:
+            shifted = {**span, "start": span["start"] + offset, "end": span["end"] + offset}
+            last = self.lora_versions[-1] if self.lora_versions else None
+            if last and last["version"] == shifted["version"] and last["end"] == shifted["start"]:
+                last["end"] = shifted["end"]
+            else:
+                self.lora_versions.append(shifted)
+        self.token_ids += seg.token_ids
+        self.logprobs += seg.logprobs
+        self.text += seg.text
+        self.finish_reason = seg.finish_reason
+        self.stop_reason = seg.stop_reason
+
+
+@dataclass
+class SampleResponse:
+    samples: list[Sample]
+    prompt_token_ids: list[int]
+    replica: str | None = None
+    version: int | None = None  # the final adapter version (x-lora-version)
+
+
+class ClientError(Exception):
+    pass
+
+
+class RequestRejected(ClientError):
+    """The server refused the request (4xx): retrying it unchanged cannot help."""
+
+    def __init__(self, status: int, message: str, replica: str) -> None:
+        super().__init__(f"{replica} answered {status}: {message}")
+        self.status, self.message, self.replica = status, message, replica
+
+
+class NoReplicaAvailable(ClientError):
+    pass
+
+
+class SampleRetryError(ClientError):
+    """``sample_with_retry`` ran out of time or attempts; ``partial`` has what was made."""
+
+    def __init__(self, message: str, partial: SampleResponse) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class FanoutError(ClientError):
+    """A control operation failed on some replicas: ``failures`` names each, with why;
+    ``results`` holds the answers of the others."""
+
+    def __init__(self, op: str, failures: dict[str, str], results: dict[str, Any]) -> None:
+        detail = "; ".join(f"{url}: {why}" for url, why in failures.items())
+        super().__init__(f"{op} failed on {len(failures)} replica(s): {detail}")
+        self.op, self.failures, self.results = op, failures, results
+
+
+class _Transient(Exception):
+    """Worth another try (on this or another replica)."""
+
+
+@dataclass
+class _Replica:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        return str(err)
+    return str(body)
+
+
+class RemoteInferenceClient:
+    """Talks to one or many servers running the lora_ext routes (data-parallel replicas)."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        retry: RetryPolicy | None = None,
+        down_for_s: float = 5.0,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("at least one server URL is needed")
+        self.replicas = [_Replica(u.rstrip("/")) for u in urls]
+        self.timeout_s = timeout_s
+        self.api_key = api_key
+        self.admin_key = admin_key
+        self.retry = retry or RetryPolicy()
+        self.down_for_s = down_for_s
+        self.max_connections = max_connections
+        self._transport = transport  # tests: a scripted server
+        self._lock = threading.Lock()
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._clients = weakref.WeakKeyDictionary()
+
+    # ---- connections ------------------------------------------------------------------
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                client = httpx.AsyncClient(
+                    timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+                    limits=httpx.Limits(max_connections=self.max_connections),
+                    transport=self._transport,
+                )
+                self._clients[loop] = client
+            return client
+
+    async def aclose(self) -> None:
+        """Close this loop's connections (other loops close theirs, or on collection)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> RemoteInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _headers(self, admin: bool) -> dict[str, str]:
+        key = self.admin_key if admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    # ---- replica choice -----------------------------------------------------------------
+    def _pick(self, avoid: set[str]) -> _Replica:
+        now = time.monotonic()
+        with self._lock:
+            up = [r for r in self.replicas if r.down_until <= now and r.url not in avoid]
+            if not up:  # everything is down or was just tried: the least recently failed
+                up = sorted(self.replicas, key=lambda r: r.down_until)[:1]
+            best = min(up, key=lambda r: (r.in_flight, random.random()))
+            best.in_flight += 1
+            return best
+
+    def _done(self, replica: _Replica, failed: bool) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+            if failed:
+                replica.down_until = time.monotonic() + self.down_for_s
+            else:
+                replica.down_until = 0.0
+
+    # ---- sampling -----------------------------------------------------------------------
+    async def sample(
+        self,
+        lora_name: str | None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 16,
+        n: int = 1,
+        version: int | None = None,
+        base_model: str | None = None,
+        **sampling: Any,
+    ) -> SampleResponse:
+        """One dispatch. ``lora_name=None`` samples the base model (``base_model`` names
+        it); ``version`` pins one resident version of the adapter. Extra keyword
+        arguments are OpenAI/vLLM sampling fields (``temperature``, ``stop``, ...)."""
+        model = self._model(lora_name, version, base_model)
+        body = self._body(model, prompt_token_ids, prompt, max_tokens, n, sampling)
+        tried: set[str] = set()
+        last: Exception | None = None
+        for _ in range(len(self.replicas)):
+            try:
+                return await self._complete(body, tried)
+            except _Transient as e:  # a replica is down: the next one
+                last = e
+        raise NoReplicaAvailable(f"no replica could serve the request: {last}")
+
+    async def sample_with_retry(
+        self,
+        lora_name: str | None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 16,
+        n: int = 1,
+        version: int | None = None,
+        base_model: str | None = None,
+        retry: RetryPolicy | None = None,
+        **sampling: Any,
+    ) -> SampleResponse:
+        """Like :meth:`sample`, but an aborted sample is continued until it ends on its
+        own (``stop``/``length``); each of ``n`` samples is continued on its own."""
+        policy = retry or self.retry
+        deadline = time.monotonic() + policy.deadline_s
+        model = self._model(lora_name, version, base_model)
+        first = await self._retrying(
+            self._body(model, prompt_token_ids, prompt, max_tokens, n, sampling),
+            policy,
+            deadline,
+            None,
+        )
+        state = SampleResponse(
+            samples=[replace(s, attempts=1) for s in first.samples],
+            prompt_token_ids=first.prompt_token_ids,
+            replica=first.replica,
+            version=first.version,
+        )
+        await asyncio.gather(
+            *(
+                self._finish_sample(state, i, model, max_tokens, sampling, policy, deadline)
+                for i in range(len(state.samples))
+            )
+        )
+        versions = [s.lora_versions[-1]["version"] for s in state.samples if s.lora_versions]
+        state.version = max(versions) if versions else state.version
+        return state
+
+    async def _finish_sample(
+        self,
+        state: SampleResponse,
+        index: int,
+        model: str,
+        max_tokens: int,
+        sampling: dict[str, Any],
+        policy: RetryPolicy,
+        deadline: float,
+    ) -> None:
+        sample = state.samples[index]
+        idle_rounds = 0
+        if sample.finish_reason == "abort" and not state.prompt_token_ids:
+            raise SampleRetryError("the server returned no prompt token ids to continue", state)
+        while sample.finish_reason == "abort":
+            left = max_tokens - len(sample.token_ids)
+            if left <= 0:  # aborted exactly at the budget: that is a length finish
+                sample.finish_reason = "length"
+                return
+            if sample.attempts >= policy.max_attempts:
+                raise SampleRetryError(
+                    f"sample {index} still aborted after {sample.attempts} attempts", state
+                )
+            if idle_rounds:  # aborted again with nothing made: do not spin
+                await self._sleep(policy, idle_rounds, deadline, state)
+            body = self._body(
+                model,
+                [*state.prompt_token_ids, *sample.token_ids],
+                None,
+                left,
+                1,
+                {k: v for k, v in sampling.items() if k != "seed"},
+            )
+            seg = await self._retrying(body, policy, deadline, state)
+            sample.attempts += 1
+            made = seg.samples[0]
+            idle_rounds = 0 if made.token_ids else idle_rounds + 1
+            sample.extend(made)
+
+    async def _retrying(
+        self,
+        body: dict[str, Any],
+        policy: RetryPolicy,
+        deadline: float,
+        partial: SampleResponse | None,
+    ) -> SampleResponse:
+        """One segment, retried on transient failures (replica down, 503) with backoff."""
+        attempt = 0
+        tried: set[str] = set()
+        while True:
+            if time.monotonic() > deadline:
+                raise SampleRetryError(
+                    f"deadline of {policy.deadline_s}s passed", partial or _empty(body)
+                )
+            try:
+                return await self._complete(body, tried)
+            except _Transient as e:
+                attempt += 1
+                if attempt >= policy.max_attempts:
+                    raise SampleRetryError(
+                        f"gave up after {attempt} attempts: {e}", partial or _empty(body)
+                    ) from e
+                if len(tried) >= len(self.replicas):
+                    tried.clear()
+                await self._sleep(policy, attempt, deadline, partial or _empty(body))
+
+    @staticmethod
+    async def _sleep(
+        policy: RetryPolicy, attempt: int, deadline: float, partial: SampleResponse
+    ) -> None:
+        delay = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+        delay *= 0.5 + random.random() / 2  # jitter: replicas are not hit in lock-step
+        if time.monotonic() + delay > deadline:
+            raise SampleRetryError(f"deadline of {policy.deadline_s}s passed", partial)
+        await asyncio.sleep(delay)
+
+    async def _complete(self, body: dict[str, Any], tried: set[str]) -> SampleResponse:
+        replica = self._pick(tried)
+        tried.add(replica.url)
+        failed = False
+        try:
+            r = await self._http().post(
+                f"{replica.url}/v1/completions", json=body, headers=self._headers(False)
+            )
+        except httpx.TransportError as e:
+            failed = True
+            raise _Transient(f"{replica.url}: {type(e).__name__}: {e}") from e
+        finally:
+            self._done(replica, failed)
+        if r.status_code == 503 or r.status_code >= 500:
+            raise _Transient(f"{replica.url} answered {r.status_code}: {_error_text(r)}")
+        if r.status_code != 200:
+            raise RequestRejected(r.status_code, _error_text(r), replica.url)
+        return _parse(r, replica.url)
+
+    @staticmethod
+    def _model(lora_name: str | None, version: int | None, base_model: str | None) -> str:
+        if lora_name is None:
+            if base_model is None:
+                raise ValueError("lora_name=None samples the base model: name it (base_model)")
+            return base_model
+        return f"{lora_name}@{version}" if version is not None else lora_name
+
+    @staticmethod
+    def _body(
+        model: str,
+        prompt_token_ids: list[int] | None,
+        prompt: str | None,
+        max_tokens: int,
+        n: int,
+        sampling: dict[str, Any],
+    ) -> dict[str, Any]:
+        if (prompt_token_ids is None) == (prompt is None):
+            raise ValueError("give exactly one of prompt_token_ids and prompt")
+        if max_tokens < 1 or n < 1:
+            raise ValueError("max_tokens and n must be >= 1")
+        for reserved in ("model", "prompt", "max_tokens", "n", "stream", "echo", "logprobs"):
+            if reserved in sampling:
+                raise ValueError(f"'{reserved}' is set by the client")
+        return {
+            **sampling,
+            "model": model,
+            "prompt": prompt_token_ids if prompt_token_ids is not None else prompt,
+            "max_tokens": max_tokens,
+            "n": n,
+            "logprobs": 0,  # the sampled token's logprob, nothing else
+            "return_token_ids": True,
+            "stream": False,
+        }
+
+    # ---- control operations, fanned out -------------------------------------------------
+    async def _fanout(
+        self, op: str, payload: dict[str, Any] | None, urls: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        targets = list(urls) if urls is not None else [r.url for r in self.replicas]
+        outcomes = await asyncio.gather(
+            *(self._control(url, op, payload) for url in targets), return_exceptions=True
+        )
+        results: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        for url, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failures[url] = str(outcome)
+            else:
+                results[url] = outcome
+        if failures:
+            raise FanoutError(op, failures, results)
+        return results
+
+    async def _control(self, url: str, op: str, payload: dict[str, Any] | None) -> Any:
+        try:
+            if payload is None:
+                r = await self._http().get(f"{url}{ROUTES}/{op}", headers=self._headers(True))
+            else:
+                r = await self._http().post(
+                    f"{url}{ROUTES}/{op}", json=payload, headers=self._headers(True)
+                )
+        except httpx.TransportError as e:
+            raise ClientError(f"unreachable ({type(e).__name__}: {e})") from e
+        if r.status_code != 200:
+            raise ClientError(f"{r.status_code}: {_error_text(r)}")
+        return r.json()
+
+    async def pause_generation(
+        self,
+        lora_name: str | None = None,
+        mode: Literal["abort", "keep", "wait"] = "keep",
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Pause one adapter (or the whole engine) on every replica."""
+        payload: dict[str, Any] = {"lora_name": lora_name, "mode": mode}
+        if timeout_s is not None:
+            payload["timeout_s"] = timeout_s
+        return await self._fanout("pause", payload)
+
+    async def resume_generation(self, lora_name: str | None = None) -> dict[str, Any]:
+        return await self._fanout("resume", {"lora_name": lora_name})
+
+    async def abort_lora_requests(self, lora_name: str) -> dict[str, Any]:
+        return await self._fanout("abort_lora_requests", {"lora_name": lora_name})
+
+    async def load_lora_adapter(
+        self,
+        lora_name: str,
+        lora_path: str,
+        *,
+        interrupt: Literal["abort", "continue"] | None = None,
+        pin: bool = False,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"lora_name": lora_name, "lora_path": lora_path, "pin": pin}
+        if interrupt is not None:
+            payload["interrupt"] = interrupt
+        return await self._fanout("load_lora_adapter", payload)
+
+    async def unload_lora_adapter(self, lora_name: str, version: int | None = None) -> dict:
+        payload: dict[str, Any] = {"lora_name": lora_name}
+        if version is not None:
+            payload["version"] = version
+        return await self._fanout("unload_lora_adapter", payload)
+
+    async def list_loras(self) -> dict[str, dict[str, Any]]:
+        """Per replica: adapter name -> its state (version, versions, paused, ...)."""
+        answers = await self._fanout("loras", None)
+        return {
+            url: {a["lora_name"]: a for a in body["adapters"]} for url, body in answers.items()
+        }
+
+    async def sync_lora(
+        self,
+        lora_name: str,
+        lora_path: str,
+        *,
+        pause: bool = False,
+        interrupt: Literal["abort", "continue"] | None = None,
+    ) -> dict[str, Any]:
+        """Make every replica serve ``lora_path`` under ``lora_name``.
+
+        Default: a zero-stall load (requests in flight finish on their version, or as
+        ``interrupt`` says). ``pause=True``: pause (keep) -> load -> resume, and every
+        replica that was paused is resumed whatever else failed. Raises
+        :class:`FanoutError` naming each replica that did not end on the new version.
+        """
+        if not pause:
+            return await self.load_lora_adapter(lora_name, lora_path, interrupt=interrupt)
+        failures: dict[str, str] = {}
+        paused: list[str] = []
+        results: dict[str, Any] = {}
+        try:
+            paused = list(await self.pause_generation(lora_name, mode="keep"))
+        except FanoutError as e:
+            failures |= {url: f"pause: {why}" for url, why in e.failures.items()}
+            paused = list(e.results)
+        try:
+            if paused:
+                results = await self._fanout(
+                    "load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path}, paused
+                )
+        except FanoutError as e:
+            failures |= {url: f"load: {why}" for url, why in e.failures.items()}
+            results = e.results
+        finally:
+            if paused:
+                try:
+                    await self._fanout("resume", {"lora_name": lora_name}, paused)
+                except FanoutError as e:
+                    failures |= {url: f"resume: {why}" for url, why in e.failures.items()}
+        if failures:
+            raise FanoutError("sync_lora", failures, results)
+        return results
+
+
+def _parse(r: httpx.Response, replica: str) -> SampleResponse:
+    body = r.json()
+    samples: list[Sample] = []
+    prompt_ids: list[int] = []
+    for choice in sorted(body["choices"], key=lambda c: c["index"]):
+        tokens = list(choice.get("token_ids") or [])
+        lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        keep = min(len(tokens), len(lp))  # 1:1, whatever the server sent
+        samples.append(
+            Sample(
+                token_ids=tokens[:keep],
+                logprobs=[float(x) for x in lp[:keep]],
+                text=choice.get("text", ""),
+                finish_reason=choice.get("finish_reason"),
+                stop_reason=choice.get("stop_reason"),
+                lora_versions=[dict(s) for s in choice.get("lora_versions") or []],
+            )
+        )
+        prompt_ids = prompt_ids or list(choice.get("prompt_token_ids") or [])
+    header = r.headers.get("x-lora-version")
+    return SampleResponse(samples, prompt_ids, replica, int(header) if header else None)
+
+
+def _empty(body: dict[str, Any]) -> SampleResponse:
+    prompt = body["prompt"]
+    return SampleResponse(
+        [Sample() for _ in range(body["n"])], prompt if isinstance(prompt, list) else []
+    )
+
+
+class SyncInferenceClient:
+    """Blocking wrapper for scripts: every call runs on a private loop in one thread."""
+
+    def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
+        self.client = RemoteInferenceClient(urls, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return self._run(result) if isinstance(result, Awaitable) else result
+
+        return call
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self.client.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> SyncInferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
