@@ -510,13 +510,18 @@ class RemoteInferenceClient:
         """
         if not pause:
             return await self.load_lora_adapter(lora_name, lora_path, interrupt=interrupt)
-        failures: dict[str, str] = {}
+        failures: dict[str, list[str]] = {}
         paused: list[str] = []
         results: dict[str, Any] = {}
+
+        def note(step: str, e: FanoutError) -> None:
+            for url, why in e.failures.items():
+                failures.setdefault(url, []).append(f"{step}: {why}")
+
         try:
             paused = list(await self.pause_generation(lora_name, mode="keep"))
         except FanoutError as e:
-            failures |= {url: f"pause: {why}" for url, why in e.failures.items()}
+            note("pause", e)
             paused = list(e.results)
         try:
             if paused:
@@ -524,16 +529,18 @@ class RemoteInferenceClient:
                     "load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path}, paused
                 )
         except FanoutError as e:
-            failures |= {url: f"load: {why}" for url, why in e.failures.items()}
+            note("load", e)
             results = e.results
         finally:
             if paused:
                 try:
                     await self._fanout("resume", {"lora_name": lora_name}, paused)
                 except FanoutError as e:
-                    failures |= {url: f"resume: {why}" for url, why in e.failures.items()}
+                    note("resume", e)
         if failures:
-            raise FanoutError("sync_lora", failures, results)
+            raise FanoutError(
+                "sync_lora", {url: "; ".join(steps) for url, steps in failures.items()}, results
+            )
         return results
 
 

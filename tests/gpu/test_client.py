@@ -1,0 +1,129 @@
+"""The client against real servers: retries across pauses and swaps, fan-out over two
+replicas with one killed mid-sync, and the OpenAI SDK reaching the same adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+
+import httpx
+import openai
+import psutil
+import pytest
+from engine_helpers import PROMPT, loras, post, wait_in_flight, words
+
+from vllm_lora_ext.client import FanoutError, RemoteInferenceClient, RetryPolicy
+from vllm_lora_ext.toy_server import free_port, lora_ext_cmd, start_server, warm_up
+
+MAX_TOKENS = 300
+
+
+async def test_sample_with_retry_survives_pauses_and_swaps(client, server, toy):
+    """Many concurrent retried samples on two adapters while one is paused (abort),
+    swapped and resumed, three times over: every call completes with exactly its budget,
+    logprobs 1:1, and the attribution shows the swaps; the other tenant never retries."""
+    await post(
+        client, "load_lora_adapter", {"lora_name": "rl", "lora_path": str(toy.adapters["meow"])}
+    )
+    weights = [toy.adapters["woof"], toy.adapters["meow"], toy.adapters["woof"]]
+    policy = RetryPolicy(deadline_s=300, max_attempts=50)
+    try:
+        async with RemoteInferenceClient(server, retry=policy) as rc:
+
+            def run(name: str) -> asyncio.Task:
+                return asyncio.create_task(
+                    rc.sample_with_retry(
+                        name, prompt=PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0
+                    )
+                )
+
+            rl = [run("rl") for _ in range(6)]
+            other = [run("woof") for _ in range(3)]
+            for path in weights:
+                await wait_in_flight(client, "rl", 1, timeout=120)
+                await asyncio.sleep(0.3)  # some tokens before the interruption
+                paused = await rc.pause_generation("rl", mode="abort")
+                assert all(p["paused"] for p in paused.values())
+                await rc.load_lora_adapter("rl", str(path))
+                await rc.resume_generation("rl")
+            results = await asyncio.wait_for(asyncio.gather(*rl, *other), 600)
+    finally:
+        await post(client, "unload_lora_adapter", {"lora_name": "rl"})
+
+    for r in results:
+        (s,) = r.samples
+        assert s.finish_reason == "length"
+        assert len(s.token_ids) == MAX_TOKENS == len(s.logprobs)
+        assert all(lp <= 0 for lp in s.logprobs)
+        spans = s.lora_versions
+        assert spans[0]["start"] == 0 and spans[-1]["end"] == MAX_TOKENS
+        assert all(a["end"] == b["start"] for a, b in itertools.pairwise(spans))
+    retried = [r.samples[0] for r in results[:6] if r.samples[0].attempts > 1]
+    assert retried, "no sample was interrupted: the test proved nothing"
+    assert any(len({sp["version"] for sp in s.lora_versions}) > 1 for s in retried)
+    for r in results[6:]:
+        assert r.samples[0].attempts == 1 and set(words(r.samples[0].text)) == {"woof"}
+
+
+async def test_openai_sdk_reaches_the_same_adapters(client, server):
+    sdk = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
+    try:
+        out = await sdk.completions.create(
+            model="meow",
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert words(out.choices[0].text) == ["meow"] * 6
+        assert (out.choices[0].model_extra or {}).get("lora_versions")
+        models = {m.id async for m in sdk.models.list()}
+        assert {"meow", "woof", "toy-base"} <= models
+    finally:
+        await sdk.close()
+
+
+@pytest.fixture
+def second_server(toy, tmp_path):
+    port = free_port()
+    server = start_server(lora_ext_cmd(toy, port), port, tmp_path / "second.log", {})
+    warm_up(server.url, ["meow"])
+    yield server
+    server.stop()
+
+
+class KillOnLoad(httpx.AsyncBaseTransport):
+    """Kills one replica's process the moment the client sends it the load: a crash in
+    the middle of a sync, at a point the test chooses."""
+
+    def __init__(self, victim_url: str, proc) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.victim = httpx.URL(victim_url)
+        self.proc = proc
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.port == self.victim.port and request.url.path.endswith("/load_lora_adapter"):
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_sync_over_two_replicas_with_one_killed(client, server, second_server, toy):
+    victim = second_server.url
+    transport = KillOnLoad(victim, second_server.proc)
+    async with RemoteInferenceClient([server, victim], transport=transport) as rc:
+        before = (await rc.list_loras())[server]["meow"]["version"]
+        with pytest.raises(FanoutError) as err:
+            await rc.sync_lora("meow", str(toy.adapters["meow"]), pause=True)
+        assert set(err.value.failures) == {victim}
+        assert "load" in err.value.failures[victim]
+        state = await loras(client)  # the survivor: on the new version, not paused
+        assert not state["meow"]["paused"] and state["meow"]["version"] == before + 1
+        # Sampling goes on through the survivor.
+        r = await rc.sample_with_retry("meow", prompt=PROMPT, max_tokens=4, ignore_eos=True)
+        assert r.replica == server and len(r.samples[0].token_ids) == 4
+    for child in second_server.children:  # orphans of the crashed server
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
