@@ -54,6 +54,24 @@ class LoraExtConfig(BaseSettings):
         default=None,
         description="Where staged copies live (default: a fresh temporary directory).",
     )
+    stable_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a load of a broadcast step waits for its STABLE sentinel "
+        "and manifest-verified files to become visible before a 425.",
+    )
+    lease_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A broadcast step's lease file not refreshed for this long is stale "
+        "(its server died); servers refresh theirs every third of it.",
+    )
+    watch: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Adapter name -> broadcast root: the newest stable step is swapped in "
+        "automatically (CLI: --watch name=root; env: JSON object).",
+    )
+    watch_interval_s: float = Field(default=1.0, gt=0, description="Watcher poll period.")
     lora_id_base: int = Field(
         default=1_000_000,
         ge=1,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import defaultdict
@@ -28,6 +30,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 
+from vllm_lora_ext import broadcast
 from vllm_lora_ext.attribution import SpanBook
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
@@ -81,6 +84,8 @@ class LoraManager:
         self._tasks: set[asyncio.Task] = set()
         self._installed = False
         self._closed = False
+        self._leases: dict[int, Path] = {}  # lora_int_id -> lease on its broadcast step
+        self._holder = f"{socket.gethostname()}-{os.getpid()}"
         self._own_stage = config.stage_adapters and config.stage_dir is None
         self._stage: Path | None = None
         if config.stage_adapters:
@@ -116,6 +121,39 @@ class LoraManager:
             event.set()  # wake held requests: they end with a 503 (see _wait_unpaused)
         if self._own_stage and self._stage is not None:
             await asyncio.to_thread(shutil.rmtree, self._stage, True)
+        for lease in self._leases.values():
+            broadcast.release_lease(lease)
+        self._leases.clear()
+
+    def start_watchers(self) -> None:
+        """Follow each configured broadcast root (``watch``) for new stable steps."""
+        for name, root in self.config.watch.items():
+            self._spawn(self._watch(name, Path(root)))
+
+    async def _watch(self, name: str, root: Path) -> None:
+        """Swap in the newest stable step of ``root`` under ``name`` (zero-stall)."""
+        seen: int | None = None
+        while not self._closed:
+            newest = await asyncio.to_thread(broadcast.newest_stable, root, seen)
+            if newest is not None:
+                step = broadcast.step_of(newest)
+                try:
+                    loaded = await self.load(name, str(newest))
+                except broadcast.NotReadyError as e:  # try again next round
+                    logger.warning("lora_ext watch name=%s step=%s not ready: %s", name, step, e)
+                except LoraExtError as e:  # a bad step: skip it, wait for the next
+                    seen = step
+                    logger.error("lora_ext watch name=%s step=%s refused: %s", name, step, e)
+                else:
+                    seen = step
+                    logger.info(
+                        "lora_ext watch swap name=%s step=%s version=%d latency_ms=%.1f",
+                        name,
+                        step,
+                        loaded.version.number,
+                        loaded.latency_ms,
+                    )
+            await asyncio.sleep(self.config.watch_interval_s)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -132,12 +170,17 @@ class LoraManager:
         are serialized; the previous version serves until the new one is committed."""
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
-        await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank, self.model_modules)
+        stepped = await asyncio.to_thread(broadcast.is_broadcast_step, path)
+        if not stepped:  # fail fast, before taking the name's lock
+            await asyncio.to_thread(
+                check_adapter_dir, path, self.max_lora_rank, self.model_modules
+            )
         async with self._load_locks[name]:
             started = time.monotonic()
             version = self.registry.new_version(name, path)
             try:
-                version.load_path = await asyncio.to_thread(self._stage_copy, version)
+                manifest = await self._await_stable(version) if stepped else None
+                version.load_path = await asyncio.to_thread(self._stage_copy, version, manifest)
                 t_add = time.monotonic()
                 await self.engine.add_lora(lora_request_of(version))
                 version.add_lora_ms = 1000 * (time.monotonic() - t_add)
@@ -171,15 +214,62 @@ class LoraManager:
         self._retire(retire)
         return Loaded(version, interrupted, 1000 * (time.monotonic() - started))
 
-    def _stage_copy(self, version: Version) -> str:
+    async def _await_stable(self, version: Version) -> dict:
+        """Lease a broadcast step, then wait (bounded, with backoff) until its sentinel
+        and manifest-verified files are visible. Errors name what is missing."""
+        deadline = time.monotonic() + self.config.stable_wait_s
+        delay = 0.02
+        while True:
+            try:
+                await self._take_lease(version)  # (again: the step may have been replaced)
+                return await asyncio.to_thread(broadcast.verify_step, version.path)
+            except (broadcast.NotReadyError, broadcast.CorruptStepError) as e:
+                if time.monotonic() + delay > deadline:
+                    self._drop_lease(version)
+                    e.message = f"{e.message} (waited {self.config.stable_wait_s}s)"
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    async def _take_lease(self, version: Version) -> None:
+        holder = f"{self._holder}-{version.internal_name}-{version.lora_int_id}"
+        try:
+            lease = await asyncio.to_thread(broadcast.acquire_lease, version.path, holder)
+        except PermissionError as e:  # a read-only root: the staged copy still protects us
+            logger.warning("lora_ext cannot lease %s: %s", version.path, e)
+            return
+        first = not self._leases
+        self._leases[version.lora_int_id] = lease
+        if first:
+            self._spawn(self._refresh_leases())
+
+    def _drop_lease(self, version: Version) -> None:
+        lease = self._leases.pop(version.lora_int_id, None)
+        if lease is not None:
+            broadcast.release_lease(lease)
+
+    async def _refresh_leases(self) -> None:
+        while self._leases and not self._closed:
+            await asyncio.to_thread(broadcast.refresh_leases, list(self._leases.values()))
+            await asyncio.sleep(self.config.lease_ttl_s / 3)
+
+    def _stage_copy(self, version: Version, manifest: dict | None) -> str:
         """Copy the adapter files the server will load from (see ``stage_adapters``),
         and check the copy: what is loaded is what was checked."""
         if self._stage is None:
+            if manifest is None:
+                return version.path
+            check_adapter_dir(version.path, self.max_lora_rank, self.model_modules)
             return version.path
         dest = self._stage / str(version.lora_int_id)
         shutil.rmtree(dest, ignore_errors=True)
         try:
-            shutil.copytree(version.path, dest)
+            shutil.copytree(version.path, dest, ignore=shutil.ignore_patterns(".*"))
+            if manifest is not None:
+                broadcast.verify_copy(dest, manifest)
+        except broadcast.CorruptStepError:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         except OSError as e:
             shutil.rmtree(dest, ignore_errors=True)
             raise InvalidAdapterError(
@@ -189,8 +279,10 @@ class LoraManager:
         return str(dest)
 
     def _unstage(self, version: Version) -> None:
+        """Delete the staged copy and release the broadcast lease of a version."""
         if self._stage is not None and version.load_path != version.path:
             shutil.rmtree(version.load_path, ignore_errors=True)
+        self._drop_lease(version)
 
     async def pin(self, name: str, number: int, pinned: bool) -> Version:
         """Keep ``name@number`` resident whatever the window, or release that pin."""

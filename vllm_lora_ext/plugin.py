@@ -51,6 +51,7 @@ class LoraExtPlugin:
         )
         manager.install()
         await manager.adopt_static_adapters()
+        manager.start_watchers()
         state.lora_ext = manager
 
 

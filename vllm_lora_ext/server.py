@@ -23,9 +23,29 @@ def parse_server_args(argv: Sequence[str]) -> Namespace:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_lora_ext serve"))
+    group = parser.add_argument_group("lora_ext")
+    group.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="NAME=ROOT",
+        help="Follow the broadcast root ROOT and swap its newest stable step in as NAME.",
+    )
     args = parser.parse_args(list(argv))
     validate_parsed_serve_args(args)
     return args
+
+
+def config_from_args(args: Namespace) -> LoraExtConfig:
+    """Our CLI flags over the LORA_EXT_* environment (one config object either way)."""
+    watch = {}
+    for item in args.watch:
+        name, sep, root = item.partition("=")
+        if not sep or not name or not root:
+            raise SystemExit(f"--watch expects NAME=ROOT, got '{item}'")
+        watch[name] = root
+    overrides = {"watch": watch} if watch else {}
+    return LoraExtConfig(**overrides)
 
 
 async def build_lora_app(engine, args: Namespace, config: LoraExtConfig | None = None) -> FastAPI:
@@ -59,7 +79,7 @@ async def run_cli_server(argv: Sequence[str]) -> None:
     sock = bind_socket(args.host or "0.0.0.0", args.port)
     try:
         async with build_async_engine_client(args) as engine:
-            app = await build_lora_app(engine, args)
+            app = await build_lora_app(engine, args, config_from_args(args))
             manager = app.state.lora_ext  # vLLM's lifespan deletes app.state on exit
             try:
                 shutdown_task = await serve_http(

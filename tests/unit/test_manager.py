@@ -4,6 +4,7 @@ filtering, failed loads leaving the previous version serving."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from vllm.exceptions import GracefulHTTPError
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError
 from vllm_lora_ext.manager import LoraManager
@@ -253,3 +255,54 @@ async def test_keep_pause_without_resume_ends_partial_and_releases(tmp_path):
     assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 400
     assert m.registry.in_flight("meow") == 0
     assert m.registry.get("meow").current_version.refcount == 0
+
+
+async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
+    m, _ = await make(tmp_path, stable_wait_s=10)
+    root = tmp_path / "bc"
+    src = write_adapter(tmp_path / "src")
+    step = root / "step_1"
+    step.mkdir(parents=True)
+    for f in src.iterdir():  # the files are there, the sentinel is not
+        shutil.copyfile(f, step / f.name)
+    load = asyncio.create_task(m.load("meow", str(step)))
+    await wait_until(lambda: list((step / ".leases").glob("*")))  # waiting, leased
+    assert not load.done() and m.registry.get("meow").current == 1
+    # The publisher finishes: manifest, then the sentinel, as publish() does.
+    manifest = broadcast._manifest_of(step, 1)
+    (step / broadcast.MANIFEST).write_text(json.dumps(manifest))
+    digest = broadcast.sha256_of(step / broadcast.MANIFEST)
+    broadcast._write_atomic(
+        step / broadcast.STABLE,
+        json.dumps({"manifest": "manifest.json", "sha256": digest}).encode(),
+    )
+    loaded = await asyncio.wait_for(load, 5)
+    assert loaded.version.number == 2
+    (lease,) = (step / ".leases").iterdir()
+    await m.load("meow", str(write_adapter(tmp_path / "meow3")))  # keep_versions=1
+    await wait_until(lambda: not lease.exists())  # retired: lease released
+
+
+async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path):
+    m, engine = await make(tmp_path, stable_wait_s=0.2)
+    step = tmp_path / "bc" / "step_4"
+    step.mkdir(parents=True)
+    with pytest.raises(broadcast.NotReadyError, match="no STABLE") as err:
+        await m.load("meow", str(step))
+    assert err.value.status == 425
+    assert m.registry.get("meow").current == 1 and len(engine.loaded) == 1
+    assert not list((step / ".leases").glob("*"))
+
+
+async def test_watcher_swaps_in_each_new_stable_step(tmp_path):
+    root = tmp_path / "bc"
+    m, _ = await make(tmp_path, watch={"meow": root}, watch_interval_s=0.01)
+    m.start_watchers()
+    src = write_adapter(tmp_path / "src")
+    broadcast.publish(src, root, 7)
+    await wait_until(lambda: m.registry.get("meow").current_version.path == str(root / "step_7"))
+    (root / "step_8").mkdir()  # an incomplete step is skipped until it is stable
+    broadcast.publish(write_adapter(tmp_path / "src9"), root, 9)
+    await wait_until(lambda: m.registry.get("meow").current_version.path == str(root / "step_9"))
+    await m.shutdown()
+    assert all(t.done() for t in m._tasks) or not m._tasks
