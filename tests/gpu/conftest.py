@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,8 @@ from vllm_lora_ext.toy import ToyAssets, build_toy_assets
 from vllm_lora_ext.toy_server import ServerProcess, free_port, lora_ext_cmd, start_server, warm_up
 
 HOLD_TIMEOUT_S = 4.0
+# Short bounded waits so refusals are quick to observe.
+SERVER_ENV = {"LORA_EXT_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S), "LORA_EXT_STABLE_WAIT_S": "3"}
 
 
 @pytest.fixture(scope="session")
@@ -25,12 +28,18 @@ def toy() -> ToyAssets:
 
 
 @pytest.fixture(scope="session")
-def server_proc(toy: ToyAssets, tmp_path_factory) -> Iterator[ServerProcess]:
+def watch_root(tmp_path_factory) -> Path:
+    """The broadcast root the session server follows as adapter ``watched``."""
+    root = os.environ.get("LORA_EXT_TEST_WATCH_ROOT")
+    return Path(root) if root else tmp_path_factory.mktemp("watch")
+
+
+@pytest.fixture(scope="session")
+def server_proc(toy: ToyAssets, watch_root: Path, tmp_path_factory) -> Iterator[ServerProcess]:
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    server = start_server(
-        lora_ext_cmd(toy, port), port, log, {"LORA_EXT_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S)}
-    )
+    cmd = [*lora_ext_cmd(toy, port), "--watch", f"watched={watch_root}"]
+    server = start_server(cmd, port, log, SERVER_ENV)
     warm_up(server.url, ["meow", "woof", "toy-base"])
     yield server
     server.stop()
