@@ -20,7 +20,7 @@ async def test_incomplete_or_corrupt_steps_are_refused_and_old_version_serves(
 ):
     root = tmp_path / "bc"
     first = publish(toy.adapters["meow"], root, 1)
-    await post(client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(first.path)})
+    v1 = await post(client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(first.path)})
     try:
         unsealed = step_dir(root, 2)  # files there, no sentinel: a publisher mid-way
         shutil.copytree(toy.adapters["woof"], unsealed)
@@ -40,7 +40,7 @@ async def test_incomplete_or_corrupt_steps_are_refused_and_old_version_serves(
         assert "sha256" in err["error"]
 
         state = (await loras(client))["bc"]
-        assert state["version"] == 1 and len(state["versions"]) == 1
+        assert state["version"] == v1["version"] and len(state["versions"]) == 1
         assert set(words((await complete(client, "bc", 6))["choices"][0]["text"])) == {"meow"}
     finally:
         await post(client, "unload_lora_adapter", {"lora_name": "bc"})
