@@ -489,9 +489,7 @@ class RemoteInferenceClient:
     async def list_loras(self) -> dict[str, dict[str, Any]]:
         """Per replica: adapter name -> its state (version, versions, paused, ...)."""
         answers = await self._fanout("loras", None)
-        return {
-            url: {a["lora_name"]: a for a in body["adapters"]} for url, body in answers.items()
-        }
+        return {url: {a["lora_name"]: a for a in body["adapters"]} for url, body in answers.items()}
 
     async def sync_lora(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,19 @@ class LoraExtConfig(BaseSettings):
         "automatically (CLI: --watch name=root; env: JSON object).",
     )
     watch_interval_s: float = Field(default=1.0, gt=0, description="Watcher poll period.")
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the /skyrl/v1 routes require (separate from vLLM's "
+        "--api-key); unset: no token needed. CLI: --lora-admin-key.",
+    )
+    lora_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories every lora_path must lie under (symlinks resolved); "
+        "empty: any path. CLI: --lora-root (repeatable).",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request body of a /skyrl/v1 route."
+    )
     lora_id_base: int = Field(
         default=1_000_000,
         ge=1,

@@ -25,6 +25,10 @@ class InvalidAdapterError(LoraExtError):
     status = 400
 
 
+class UnauthorizedError(LoraExtError):
+    status = 401
+
+
 class AdapterBusyError(LoraExtError):
     """An operation waited for the adapter longer than its bound."""
 

@@ -30,7 +30,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 
-from vllm_lora_ext import broadcast
+from vllm_lora_ext import broadcast, metrics
 from vllm_lora_ext.attribution import SpanBook
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.continuation import Stitcher
@@ -43,7 +43,7 @@ from vllm_lora_ext.registry import (
     Version,
     split_pinned,
 )
-from vllm_lora_ext.validation import check_adapter_dir, model_module_names
+from vllm_lora_ext.validation import check_adapter_dir, check_under_roots, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
 
@@ -99,6 +99,7 @@ class LoraManager:
         if not self._installed:
             self.engine.generate = self.generate
             self._installed = True
+            metrics.STATE.sources.add(self)
 
     async def adopt_static_adapters(self) -> None:
         """Take over adapters given by ``--lora-modules`` as their version 1."""
@@ -117,6 +118,7 @@ class LoraManager:
         if self._installed:
             self.engine.generate = self._inner_generate
             self._installed = False
+        metrics.STATE.sources.discard(self)
         for event in self._resumed.values():
             event.set()  # wake held requests: they end with a 503 (see _wait_unpaused)
         if self._own_stage and self._stage is not None:
@@ -168,13 +170,31 @@ class LoraManager:
         flight finish on the version they started on; ``interrupt`` ends them partial
         (``abort``) or moves them onto the new version (``continue``). Loads of one name
         are serialized; the previous version serves until the new one is committed."""
+        try:
+            loaded = await self._load(name, path, interrupt, pin)
+        except broadcast.NotReadyError:
+            metrics.SWAPS.labels(name, "not_ready").inc()
+            raise
+        except broadcast.CorruptStepError:
+            metrics.SWAPS.labels(name, "corrupt").inc()
+            raise
+        except LoraExtError:
+            metrics.SWAPS.labels(name, "refused").inc()
+            raise
+        except BaseException:
+            metrics.SWAPS.labels(name, "error").inc()
+            raise
+        metrics.SWAPS.labels(name, "ok").inc()
+        metrics.SWAP_LATENCY.labels(name).observe(loaded.latency_ms / 1000)
+        return loaded
+
+    async def _load(self, name: str, path: str, interrupt: Interrupt | None, pin: bool) -> Loaded:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
+        await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
         stepped = await asyncio.to_thread(broadcast.is_broadcast_step, path)
         if not stepped:  # fail fast, before taking the name's lock
-            await asyncio.to_thread(
-                check_adapter_dir, path, self.max_lora_rank, self.model_modules
-            )
+            await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank, self.model_modules)
         async with self._load_locks[name]:
             started = time.monotonic()
             version = self.registry.new_version(name, path)
@@ -392,6 +412,8 @@ class LoraManager:
         end). A segment not yet in the engine stops itself on its first output (see
         :meth:`_run`). Returns the number of requests."""
         ids = [seg for f in flights for seg in f.segments]
+        for f in flights:
+            metrics.INTERRUPTED.labels(f.name, f.interrupt or "abort").inc()
         if ids:
             await self.engine.abort(ids)
         return len(flights)
@@ -524,6 +546,7 @@ class LoraManager:
                     yield final
                 return
             flight.interrupt = None
+            metrics.CONTINUED.labels(flight.name).inc()
             self._retire(self.registry.rebind(flight))
             round_no += 1
 

@@ -2,10 +2,14 @@
 
 Every refusal is ``{"error": "..."}`` with a 4xx (or 503/504 for bounded waits),
 including malformed bodies, which FastAPI would otherwise answer in its own shape.
+Every route checks the admin token (when one is configured) and the body size before
+anything else, and every control action is logged as one JSON line.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -16,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from vllm_lora_ext.errors import LoraExtError
+from vllm_lora_ext.errors import LoraExtError, UnauthorizedError
 from vllm_lora_ext.manager import LoraManager
 from vllm_lora_ext.protocol import (
     AbortLoraRequest,
@@ -46,28 +50,75 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+async def _guard(request: Request) -> None:
+    """Admin token and body size, checked before the body is parsed."""
+    manager = getattr(request.app.state, "lora_ext", None)
+    if manager is None:
+        raise LoraExtError("lora_ext is not initialised on this server", status=503)
+    key = manager.config.admin_key
+    if key is not None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.encode(), key.get_secret_value().encode()
+        ):
+            raise UnauthorizedError("missing or wrong admin token (Authorization: Bearer ...)")
+    limit = manager.config.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise LoraExtError(f"request body over {limit} bytes", status=413)
+    if request.method == "POST":
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise LoraExtError(f"request body over {limit} bytes", status=413)
+        request._body = body  # parsed by the route from here (Starlette's own cache)
+
+
+def _summary(request: Request) -> dict[str, Any]:
+    """What the action was about, from the body (names, versions, paths: no secrets)."""
+    try:
+        body = json.loads(getattr(request, "_body", b"") or b"{}")
+    except ValueError:
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    keys = ("lora_name", "lora_path", "version", "mode", "interrupt", "pinned", "pin")
+    return {k: body[k] for k in keys if k in body}
+
+
 class LoraExtRoute(APIRoute):
-    """Answers our errors in our shape and logs one line per control action."""
+    """Answers our errors in our shape and logs one JSON line per control action."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
             started = time.monotonic()
+            error = None
             try:
+                await _guard(request)
                 response = await handler(request)
             except RequestValidationError as e:
-                response = JSONResponse({"error": _validation_message(e)}, status_code=400)
+                error = _validation_message(e)
+                response = JSONResponse({"error": error}, status_code=400)
             except LoraExtError as e:
-                response = JSONResponse({"error": e.message}, status_code=e.status)
-            if request.method == "POST":
-                logger.info(
-                    "lora_ext action=%s client=%s status=%d latency_ms=%.1f",
-                    request.url.path,
-                    request.client.host if request.client else "-",
-                    response.status_code,
-                    1000 * (time.monotonic() - started),
-                )
+                error = e.message
+                response = JSONResponse({"error": error}, status_code=e.status)
+            if request.method == "POST" or response.status_code == 401:
+                record = {
+                    "event": "lora_ext.control",
+                    "action": request.url.path.rsplit("/", 1)[-1],
+                    "who": request.client.host if request.client else None,
+                    **_summary(request),
+                    "status": response.status_code,
+                    "outcome": "ok" if response.status_code < 400 else "refused",
+                    "error": error,
+                    "latency_ms": round(1000 * (time.monotonic() - started), 1),
+                }
+                log = logger.warning if response.status_code >= 400 else logger.info
+                log("%s", json.dumps(record, default=str))
             return response
 
         return route
@@ -75,15 +126,12 @@ class LoraExtRoute(APIRoute):
 
 router = APIRouter(prefix=PREFIX, route_class=LoraExtRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 425, 503, 504)
 }
 
 
 def manager_of(request: Request) -> LoraManager:
-    manager = getattr(request.app.state, "lora_ext", None)
-    if manager is None:
-        raise LoraExtError("lora_ext is not initialised on this server", status=503)
-    return manager
+    return request.app.state.lora_ext  # present: _guard checked
 
 
 @router.post("/abort_lora_requests", responses=_ERRORS)
@@ -106,7 +154,7 @@ async def resume(body: ResumeRequest, request: Request) -> PauseResponse:
     return PauseResponse(**manager.resume(body.lora_name))
 
 
-@router.get("/loras")
+@router.get("/loras", responses=_ERRORS)
 async def loras(request: Request) -> LorasResponse:
     manager = manager_of(request)
     return LorasResponse.model_validate(

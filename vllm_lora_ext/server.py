@@ -31,6 +31,18 @@ def parse_server_args(argv: Sequence[str]) -> Namespace:
         metavar="NAME=ROOT",
         help="Follow the broadcast root ROOT and swap its newest stable step in as NAME.",
     )
+    group.add_argument(
+        "--lora-admin-key",
+        default=None,
+        help="Bearer token the /skyrl/v1 routes require (or LORA_EXT_ADMIN_KEY).",
+    )
+    group.add_argument(
+        "--lora-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Allowed root of every lora_path (repeatable; or LORA_EXT_LORA_ROOTS).",
+    )
     args = parser.parse_args(list(argv))
     validate_parsed_serve_args(args)
     return args
@@ -44,7 +56,13 @@ def config_from_args(args: Namespace) -> LoraExtConfig:
         if not sep or not name or not root:
             raise SystemExit(f"--watch expects NAME=ROOT, got '{item}'")
         watch[name] = root
-    overrides = {"watch": watch} if watch else {}
+    overrides: dict = {}
+    if watch:
+        overrides["watch"] = watch
+    if args.lora_admin_key:
+        overrides["admin_key"] = args.lora_admin_key
+    if args.lora_root:
+        overrides["lora_roots"] = args.lora_root
     return LoraExtConfig(**overrides)
 
 

@@ -119,3 +119,25 @@ def check_adapter_dir(
                 f"adapter targets modules the model lacks: {', '.join(missing)}"
             )
     return cfg
+
+
+def check_under_roots(path: str, roots: Iterable[Path]) -> None:
+    """``path`` must lie under one of ``roots`` once symlinks are resolved (no roots: any
+    path). ``..`` is refused outright, a symlink leading out of a root with 403."""
+    roots = list(roots)
+    if not roots:
+        return
+    p = Path(path)
+    if not p.is_absolute():
+        raise InvalidAdapterError(f"lora_path '{path}' must be absolute")
+    if ".." in p.parts:
+        raise InvalidAdapterError(f"lora_path '{path}' must not contain '..'")
+    real = p.resolve(strict=False)
+    for root in roots:
+        if real.is_relative_to(root.resolve(strict=False)):
+            return
+    raise InvalidAdapterError(
+        f"lora_path '{path}' is outside the allowed roots"
+        + (f" (it resolves to '{real}')" if real != p else ""),
+        status=403,
+    )

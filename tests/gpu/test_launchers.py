@@ -3,6 +3,9 @@ a Ray actor. Each starts its own engine and must leave no engine process behind.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import httpx
 import psutil
 import pytest
@@ -11,15 +14,18 @@ from engine_helpers import PROMPT
 from vllm_lora_ext.toy_server import free_port, server_args, start_server, stock_vllm_cmd
 
 
-def _smoke(url: str) -> None:
+def _smoke(url: str, headers: dict[str, str] | None = None) -> None:
     """Our routes and vLLM's own, on one app, with the static adapters adopted."""
-    with httpx.Client(base_url=url, timeout=120) as c:
+    with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
         state = c.get("/skyrl/v1/loras").json()["adapters"]
         assert {a["lora_name"]: a["version"] for a in state} == {"meow": 1, "woof": 1}
         models = {m["id"] for m in c.get("/v1/models").json()["data"]}
         assert {"toy-base", "meow", "woof"} <= models
         assert c.get("/health").status_code == 200
-        assert "vllm:" in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert "vllm:" in metrics
+        assert 'lora_ext_swaps_total{lora_name="meow",outcome="ok"} 1.0' in metrics
+        assert 'lora_ext_resident_versions{lora_name="woof"} 1.0' in metrics
         r = c.post(
             "/v1/completions",
             json={"model": "woof", "prompt": PROMPT, "max_tokens": 6, "temperature": 0},
@@ -32,11 +38,52 @@ def _smoke(url: str) -> None:
 
 
 def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
+    """Stock vLLM's launcher with the plugin, configured from the environment: admin
+    token, allowed roots, metrics."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    shutil.copytree(toy.adapters["woof"], outside)
+    (allowed / "escape").symlink_to(outside)
     port = free_port()
-    cmd = stock_vllm_cmd(toy, port)
-    server = start_server(cmd, port, tmp_path / "stock.log", {"VLLM_PLUGINS": "lora_ext"})
+    env = {
+        "VLLM_PLUGINS": "lora_ext",
+        "LORA_EXT_ADMIN_KEY": "sekret",
+        "LORA_EXT_LORA_ROOTS": json.dumps([str(toy.root), str(allowed)]),
+    }
+    server = start_server(stock_vllm_cmd(toy, port), port, tmp_path / "stock.log", env)
     try:
-        _smoke(server.url)
+        _smoke(server.url, {"Authorization": "Bearer sekret"})
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for token in (None, "Bearer wrong"):
+                r = c.post(
+                    "/skyrl/v1/pause",
+                    json={"lora_name": "meow"},
+                    headers={"Authorization": token} if token else {},
+                )
+                assert r.status_code == 401 and "admin token" in r.json()["error"]
+            assert not c.get("/skyrl/v1/loras").is_success
+            auth = {"Authorization": "Bearer sekret"}
+            for path, status in [
+                (outside, 403),
+                (allowed / "escape", 403),  # a symlink out of a root
+                (allowed / ".." / "outside", 400),
+            ]:
+                r = c.post(
+                    "/skyrl/v1/load_lora_adapter",
+                    json={"lora_name": "x", "lora_path": str(path)},
+                    headers=auth,
+                )
+                assert r.status_code == status, r.text
+            big = c.post(
+                "/skyrl/v1/load_lora_adapter",
+                content=b'{"lora_name": "' + b"x" * 100_000 + b'"}',
+                headers={**auth, "content-type": "application/json"},
+            )
+            assert big.status_code == 413
+            # vLLM's own routes are not behind our token.
+            assert c.get("/v1/models").status_code == 200
+        log = (tmp_path / "stock.log").read_text()
+        assert '"event": "lora_ext.control", "action": "pause"' in log and '"status": 401' in log
     finally:
         server.stop()
     assert not server.leftover_children()

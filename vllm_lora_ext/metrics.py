@@ -1,0 +1,82 @@
+"""Prometheus metrics of the extension, served on vLLM's own ``/metrics``.
+
+Events (swaps, interruptions) are counters and a histogram updated where they happen;
+state (resident versions, leases in flight, held requests) is read from the registry at
+scrape time by :class:`StateCollector`, so it can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+SWAPS = Counter(
+    "lora_ext_swaps",
+    "Adapter loads (swaps), by adapter name and outcome.",
+    ["lora_name", "outcome"],
+)
+SWAP_LATENCY = Histogram(
+    "lora_ext_swap_latency_seconds",
+    "Load request to new version serving (checks, staging, add_lora, commit).",
+    ["lora_name"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+INTERRUPTED = Counter(
+    "lora_ext_interrupted_requests",
+    "Requests stopped by a pause, an abort or a swap, by how they end: "
+    "'abort' (returned partial) or 'continue' (continued server-side).",
+    ["lora_name", "how"],
+)
+CONTINUED = Counter(
+    "lora_ext_continued_requests",
+    "Requests continued server-side after an interruption (one per continuation).",
+    ["lora_name"],
+)
+
+
+class _HasSnapshot(Protocol):
+    def snapshot(self) -> list[dict]: ...
+
+
+class StateCollector(Collector):
+    """Per-name gauges of every live manager in this process, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[_HasSnapshot] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        resident = GaugeMetricFamily(
+            "lora_ext_resident_versions",
+            "Versions resident per adapter name.",
+            labels=["lora_name"],
+        )
+        in_flight = GaugeMetricFamily(
+            "lora_ext_in_flight_requests",
+            "Requests holding a version of the adapter (the refcount per name).",
+            labels=["lora_name"],
+        )
+        held = GaugeMetricFamily(
+            "lora_ext_held_requests",
+            "New requests held because their adapter is paused.",
+            labels=["lora_name"],
+        )
+        paused = GaugeMetricFamily(
+            "lora_ext_paused", "1 while the adapter is paused.", labels=["lora_name"]
+        )
+        for source in list(self.sources):
+            for a in source.snapshot():
+                name = a["lora_name"]
+                resident.add_metric([name], len(a["versions"]))
+                in_flight.add_metric([name], a["in_flight"])
+                held.add_metric([name], a["held"])
+                paused.add_metric([name], 1 if a["paused"] else 0)
+        yield from (resident, in_flight, held, paused)
+
+
+STATE = StateCollector()
+REGISTRY.register(STATE)
