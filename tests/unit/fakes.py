@@ -42,6 +42,9 @@ class FakeEngine:
         self.loaded[lora_request.lora_int_id] = lora_request
         return True
 
+    async def list_loras(self) -> set[int]:
+        return set(self.loaded)
+
     async def remove_lora(self, lora_id: int) -> bool:
         self.removed.append(lora_id)
         self.loaded.pop(lora_id, None)
