@@ -1,187 +1,317 @@
-"""``python -m vllm_lora_ext demo``: the extension end to end on the built-in toy model.
+"""``python -m vllm_lora_ext demo``: a real multi-tenant LoRA RL loop on the toy model.
 
-Starts the server in a Ray actor with two adapters, then shows what a multi-tenant RL
-controller needs: pausing one tenant's adapter leaves the other generating; a ``keep``
-pause continues the paused requests server-side after resume with exactly the tokens
-asked for; an ``abort`` pause returns them partial. Exits 0 only if all of that held.
+Server actor(s) run in Ray. Each tenant (``meow``, ``woof``) is a tiny RL loop: it
+samples a batch with ``sample_with_retry``, scores each completion by the share of its
+target word, takes a PPO-clip step on its own LoRA with peft on the CPU, publishes the
+adapter through the filesystem broadcast and swaps it in on every replica (zero-stall;
+requests in flight are alternately continued server-side and aborted + retried by the
+client) while the other tenant keeps sampling. An evaluator per tenant keeps long
+greedy requests in flight through all of it. Exit code 0 only if no request was lost
+and every tenant's reward rose.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vllm_lora_ext.broadcast import RetentionConfig, clean
+from vllm_lora_ext.client import RemoteInferenceClient, RetryPolicy
+
 PROMPT = "the cat says"
+MAX_OFF_POLICY = 1
+SWAP_EVERY_S = 0.25  # the isolation phase: four swaps a second, far above an RL cadence
 
 
 @dataclass
-class Check:
+class Tenant:
     name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class Report:
-    checks: list[Check] = field(default_factory=list)
-
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append(Check(name, ok, detail))
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+    word: str
+    root: Path
+    trainer: object = None
+    rewards: list[float] = field(default_factory=list)
+    swap_ms: list[float] = field(default_factory=list)
+    eval_tokens: int = 0
+    eval_seconds: float = 0.0
+    requests: int = 0
+    retried: int = 0  # client-side continuations after an abort
+    lost: list[str] = field(default_factory=list)
+    last_step: Path | None = None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vllm_lora_ext demo", description=__doc__)
-    p.add_argument("--model", help="a real model directory instead of the toy model")
+    p.add_argument("--steps", type=int, default=12, help="RL steps per tenant")
     p.add_argument(
-        "--lora",
+        "--tenant",
         action="append",
         default=[],
-        metavar="NAME=PATH",
-        help="adapters for --model (exactly two: the first is paused, the second keeps going)",
+        metavar="NAME=WORD",
+        help="a tenant and the word its reward counts (default: meow=meow, woof=woof)",
     )
-    p.add_argument("--replicas", type=int, default=1, help="server actors to start")
-    p.add_argument("--max-tokens", type=int, default=1500, help="length of the long requests")
+    p.add_argument("--replicas", type=int, default=1, help="server actors (data parallel)")
+    p.add_argument("--model", help="a real HF model directory instead of the toy model")
+    p.add_argument("--batch", type=int, default=16, help="samples per step")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--eval-tokens", type=int, default=128, help="length of evaluator requests")
+    p.add_argument("--isolation-s", type=float, default=5.0, help="each isolation phase")
     p.add_argument("--extra-server-args", default="", help="more vLLM server arguments")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (reward at start and at end)")
+    return args
 
 
-async def complete(c: httpx.AsyncClient, model: str, max_tokens: int) -> dict:
-    r = await c.post(
-        "/v1/completions",
-        json={
-            "model": model,
-            "prompt": PROMPT,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        },
+def reward(text: str, word: str) -> float:
+    words = text.split()
+    return words.count(word) / len(words) if words else 0.0
+
+
+async def train(t: Tenant, rc: RemoteInferenceClient, args, progress, task) -> None:
+    retention = RetentionConfig(max_async_level=MAX_OFF_POLICY)
+    for step in range(1, args.steps + 1):
+        batch = await rc.sample_with_retry(
+            t.name, prompt=PROMPT, n=args.batch, max_tokens=args.max_tokens, temperature=1.0
+        )
+        rewards = [reward(s.text, t.word) for s in batch.samples]
+        t.rewards.append(statistics.mean(rewards))
+        await asyncio.to_thread(
+            t.trainer.step,
+            batch.prompt_token_ids,
+            [s.token_ids for s in batch.samples],
+            [s.logprobs for s in batch.samples],
+            rewards,
+        )
+        t.last_step = await asyncio.to_thread(t.trainer.publish, t.root, step)
+        interrupt = "continue" if step % 2 else "abort"
+        loaded = await rc.load_lora_adapter(t.name, str(t.last_step), interrupt=interrupt)
+        t.swap_ms.append(max(r["latency_ms"] for r in loaded.values()))
+        await asyncio.to_thread(clean, t.root, step, retention)
+        tps = t.eval_tokens / t.eval_seconds if t.eval_seconds else 0.0
+        progress.update(
+            task,
+            advance=1,
+            info=f"reward {t.rewards[-1]:.2f}  swap {t.swap_ms[-1]:.0f} ms  eval {tps:.0f} tok/s",
+        )
+
+
+async def evaluate(t: Tenant, rc: RemoteInferenceClient, args, stop: asyncio.Event) -> None:
+    """Long greedy requests kept in flight through the swaps; every one must complete."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            r = await rc.sample_with_retry(
+                t.name, prompt=PROMPT, max_tokens=args.eval_tokens, temperature=0, ignore_eos=True
+            )
+        except Exception as e:
+            t.lost.append(f"{type(e).__name__}: {e}")
+            continue
+        s = r.samples[0]
+        t.requests += 1
+        t.retried += s.attempts - 1
+        if s.finish_reason not in ("length", "stop") or len(s.token_ids) != args.eval_tokens:
+            t.lost.append(f"finish {s.finish_reason} with {len(s.token_ids)} tokens")
+        t.eval_tokens += len(s.token_ids)
+        t.eval_seconds += time.monotonic() - started
+
+
+async def throughput(rc: RemoteInferenceClient, name: str, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        while time.monotonic() < deadline:
+            r = await rc.sample(name, prompt=PROMPT, max_tokens=32, ignore_eos=True)
+            tokens += len(r.samples[0].token_ids)
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(3)))
+    return tokens / (time.monotonic() - started)
+
+
+async def isolation(rc: RemoteInferenceClient, a: Tenant, b: Tenant, seconds: float) -> float:
+    """b's tokens/s while a is swapped every SWAP_EVERY_S, over b's without swaps."""
+    quiet = await throughput(rc, b.name, seconds)
+    stop = asyncio.Event()
+
+    async def swapper() -> None:
+        while not stop.is_set():
+            await rc.load_lora_adapter(a.name, str(a.last_step))
+            await asyncio.sleep(SWAP_EVERY_S)
+
+    task = asyncio.create_task(swapper())
+    try:
+        busy = await throughput(rc, b.name, seconds)
+    finally:
+        stop.set()
+        await task
+    return busy / quiet
+
+
+async def interruptions(urls: list[str]) -> dict[tuple[str, str], float]:
+    """Interrupted requests by (name, how) from every replica's /metrics."""
+    pattern = re.compile(
+        r"^lora_ext_(interrupted|continued)_requests_total\{([^}]*)\} ([0-9.e+]+)$", re.M
     )
-    r.raise_for_status()
-    return r.json()
+    out: dict[tuple[str, str], float] = {}
+    async with httpx.AsyncClient(timeout=30) as c:
+        for url in urls:
+            text = (await c.get(f"{url}/metrics")).text
+            for kind, labels, value in pattern.findall(text):
+                lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                how = lab.get("how", "server") if kind == "interrupted" else "continued"
+                key = (lab["lora_name"], how)
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
-async def wait_in_flight(c: httpx.AsyncClient, name: str, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = {a["lora_name"]: a for a in (await c.get("/skyrl/v1/loras")).json()["adapters"]}
-        if state[name]["in_flight"] >= n:
-            await asyncio.sleep(0.5)  # let them produce some tokens
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{n} requests of {name} never got in flight")
+@dataclass
+class Summary:
+    tenants: list[Tenant]
+    isolation: float | None
+    interrupted: dict[tuple[str, str], float]
+    resident_ok: bool
 
 
-def text_of(out: dict) -> str:
-    return out["choices"][0]["text"]
+async def run(urls: list[str], tenants: list[Tenant], model: str, args) -> Summary:
+    from vllm_lora_ext.trainer import PolicyTrainer
 
-
-async def run_scenarios(url: str, paused: str, other: str, max_tokens: int, report: Report):
-    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
-        for model in (paused, other):
-            await complete(c, model, 4)
-
-        # 1. keep-mode pause of one adapter; the other keeps generating.
-        long = [asyncio.create_task(complete(c, paused, max_tokens)) for _ in range(2)]
-        await wait_in_flight(c, paused, 2)
-        r = (await c.post("/skyrl/v1/pause", json={"lora_name": paused, "mode": "keep"})).json()
-        t0 = time.monotonic()
-        during = await asyncio.gather(*[complete(c, other, 64) for _ in range(4)])
-        other_s = time.monotonic() - t0
-        still_paused = not any(t.done() for t in long)
-        report.add(
-            f"pause '{paused}' (keep) leaves '{other}' generating",
-            still_paused and all(d["usage"]["completion_tokens"] == 64 for d in during),
-            f"{r.get('interrupted')} {paused} request(s) stopped; 4x64 {other} tokens in "
-            f"{other_s:.2f}s while paused",
+    policy = RetryPolicy(deadline_s=600, max_attempts=100)
+    async with RemoteInferenceClient(urls, retry=policy) as rc:
+        for i, t in enumerate(tenants):
+            t.trainer = await asyncio.to_thread(PolicyTrainer, model, lr=args.lr, seed=i)
+            t.last_step = await asyncio.to_thread(t.trainer.publish, t.root, 0)
+            await rc.load_lora_adapter(t.name, str(t.last_step))
+        stop = asyncio.Event()
+        evaluators = [asyncio.create_task(evaluate(t, rc, args, stop)) for t in tenants]
+        columns = (
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
         )
-        await asyncio.sleep(0.5)
-        await c.post("/skyrl/v1/resume", json={"lora_name": paused})
-        outs = await asyncio.gather(*long)
-        exact = all(o["usage"]["completion_tokens"] == max_tokens for o in outs)
-        report.add(
-            f"'{paused}' continues server-side after resume",
-            exact and all(o["choices"][0]["finish_reason"] == "length" for o in outs),
-            f"{[o['usage']['completion_tokens'] for o in outs]} tokens (asked {max_tokens}), "
-            f"one response each",
+        try:
+            with Progress(*columns) as progress:
+                tasks = {
+                    t.name: progress.add_task(t.name, total=args.steps, info="") for t in tenants
+                }
+                await asyncio.gather(
+                    *(train(t, rc, args, progress, tasks[t.name]) for t in tenants)
+                )
+        finally:
+            stop.set()
+            await asyncio.gather(*evaluators)
+        ratio = None
+        if len(tenants) >= 2 and args.isolation_s > 0:
+            ratio = await isolation(rc, tenants[0], tenants[1], args.isolation_s)
+        state = await rc.list_loras()
+        resident_ok = all(
+            not a["in_flight"] and not a["paused"] and len(a["versions"]) <= MAX_OFF_POLICY + 2
+            for per_url in state.values()
+            for a in per_url.values()
         )
+    return Summary(tenants, ratio, await interruptions(urls), resident_ok)
 
-        # 2. abort-mode pause: the callers get their partial output back now.
-        long = [asyncio.create_task(complete(c, paused, max_tokens)) for _ in range(2)]
-        await wait_in_flight(c, paused, 2)
-        await c.post("/skyrl/v1/pause", json={"lora_name": paused, "mode": "abort"})
-        outs = await asyncio.gather(*long)
-        await c.post("/skyrl/v1/resume", json={"lora_name": paused})
-        partial = [o["usage"]["completion_tokens"] for o in outs]
-        report.add(
-            f"pause '{paused}' (abort) returns partial output",
-            all(o["choices"][0]["finish_reason"] == "abort" for o in outs)
-            and all(0 < n < max_tokens for n in partial),
-            f"finish_reason=abort with {partial} of {max_tokens} tokens: "
-            f"{text_of(outs[0])[:40]!r}...",
+
+def render(summary: Summary, args) -> tuple[Table, bool]:
+    table = Table(title=f"vllm-lora-ext RL demo: {args.steps} steps, {args.replicas} replica(s)")
+    for col in (
+        "tenant", "reward start", "reward end", "swaps", "swap p50 ms", "swap p99 ms",
+        "aborted", "continued", "retried", "eval reqs", "lost",
+    ):  # fmt: skip
+        table.add_column(col, justify="right" if col != "tenant" else "left")
+    ok = summary.resident_ok
+    for t in summary.tenants:
+        start, end = statistics.mean(t.rewards[:2]), statistics.mean(t.rewards[-2:])
+        q = statistics.quantiles(t.swap_ms, n=100, method="inclusive")
+        rose = end > start
+        ok = ok and rose and not t.lost
+        table.add_row(
+            t.name,
+            f"{start:.2f}",
+            f"[{'green' if rose else 'red'}]{end:.2f}[/]",
+            str(len(t.swap_ms)),
+            f"{q[49]:.1f}",
+            f"{q[98]:.1f}",
+            f"{summary.interrupted.get((t.name, 'abort'), 0):.0f}",
+            f"{summary.interrupted.get((t.name, 'continued'), 0):.0f}",
+            str(t.retried),
+            str(t.requests),
+            f"[{'green' if not t.lost else 'red'}]{len(t.lost)}[/]",
         )
-        state = (await c.get("/skyrl/v1/loras")).json()["adapters"]
-        report.add(
-            "nothing left in flight or paused",
-            not any(a["in_flight"] or a["paused"] for a in state),
-            ", ".join(f"{a['lora_name']} v{a['version']}" for a in state),
+    caption = [
+        f"{'all requests completed' if ok else 'FAILED'}; resident versions bounded and "
+        f"nothing left in flight: {summary.resident_ok}"
+    ]
+    if summary.isolation is not None:
+        a, b = summary.tenants[0].name, summary.tenants[1].name
+        caption.append(
+            f"'{b}' tokens/s while '{a}' swaps every {SWAP_EVERY_S}s, over without: "
+            f"{summary.isolation:.3f}"
         )
+    table.caption = "\n".join(caption)
+    return table, ok
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)  # logs and CI: do not squeeze the table
     import ray
+    import torch
 
     from ray_actors.server_actor import launch_servers, shutdown_servers
     from vllm_lora_ext.toy import build_toy_assets
 
+    torch.set_num_threads(1)  # the engine needs the other core
     if args.model:
-        if len(args.lora) != 2:
-            console.print("[red]--model needs exactly two --lora NAME=PATH[/red]")
-            return 2
-        model, loras = args.model, args.lora
+        model = args.model
     else:
-        with console.status("building the toy model and adapters (cached after the first run)"):
-            toy = build_toy_assets()
-        model = str(toy.model)
-        loras = [f"{n}={p}" for n, p in toy.adapters.items()]
-    names = [spec.split("=", 1)[0] for spec in loras]
+        with console.status("building the toy model (cached after the first run)"):
+            model = str(build_toy_assets().model)
+    specs = args.tenant or ["meow=meow", "woof=woof"]
+    work = Path(tempfile.mkdtemp(prefix="lora_ext_demo_"))
+    tenants = [
+        Tenant(name, word, work / name) for name, _, word in (s.partition("=") for s in specs)
+    ]
+    keep = MAX_OFF_POLICY + 2
     server_args = [
-        "--model", model, "--enable-lora", "--max-lora-rank", "16",
-        "--max-loras", "6", "--max-model-len", "4096", "--dtype", "float32",
-        "--kv-cache-memory-bytes", str(512 * 1024 * 1024),
-        "--lora-modules", *loras, *args.extra_server_args.split(),
+        "--model", model, "--served-model-name", "base", "--enable-lora",
+        "--max-lora-rank", "16", "--max-loras", str(len(tenants) * keep + 2),
+        "--max-model-len", "2048", "--dtype", "float32",
+        "--kv-cache-memory-bytes", str(512 * 1024 * 1024), *args.extra_server_args.split(),
     ]  # fmt: skip
-    report = Report()
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         with console.status(f"starting {args.replicas} server actor(s) (about 30 s)"):
-            actors, urls = launch_servers(server_args, num_servers=args.replicas)
+            actors, urls = launch_servers(
+                server_args, num_servers=args.replicas, config={"max_off_policy": MAX_OFF_POLICY}
+            )
         try:
-            console.print(f"servers: {', '.join(urls)}")
-            for url in urls:
-                with console.status(f"running the scenarios against {url}"):
-                    asyncio.run(run_scenarios(url, names[0], names[1], args.max_tokens, report))
+            console.print(f"servers: {', '.join(urls)}; broadcast root: {work}")
+            summary = asyncio.run(run(urls, tenants, model, args))
         finally:
             shutdown_servers(actors)
     finally:
         ray.shutdown()
-
-    table = Table(title="vllm-lora-ext demo")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail")
-    for c in report.checks:
-        table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]FAILED[/red]", c.detail)
+    table, ok = render(summary, args)
     console.print(table)
-    return 0 if report.ok else 1
+    for t in summary.tenants:
+        for reason in t.lost[:5]:
+            console.print(f"[red]{t.name}: lost request: {reason}[/red]")
+    return 0 if ok else 1
