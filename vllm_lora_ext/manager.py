@@ -386,7 +386,7 @@ class LoraManager:
                     raise AdapterBusyError(
                         f"adapter '{name}' still had {left} request(s) in flight after "
                         f"{timeout_s or self.config.drain_timeout_s}s; pause undone",
-                        status=504,
+                        status=409,
                     )
                 await asyncio.sleep(_POLL_S)
         return result

@@ -1,6 +1,6 @@
 """The ``/skyrl/v1/`` router: thin HTTP over :class:`~vllm_lora_ext.manager.LoraManager`.
 
-Every refusal is ``{"error": "..."}`` with a 4xx (or 503/504 for bounded waits),
+Every refusal is ``{"error": "..."}`` with a 4xx (or 503 for a held request that timed out),
 including malformed bodies, which FastAPI would otherwise answer in its own shape.
 Every route checks the admin token (when one is configured) and the body size before
 anything else, and every control action is logged as one JSON line.
@@ -126,7 +126,7 @@ class LoraExtRoute(APIRoute):
 
 router = APIRouter(prefix=PREFIX, route_class=LoraExtRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 425, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 425, 503)
 }
 
 

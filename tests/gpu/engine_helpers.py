@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 
 PROMPT = "the cat says"
 
@@ -123,3 +124,13 @@ async def post(c: httpx.AsyncClient, path: str, payload: dict, status: int = 200
     r = await c.post(f"/skyrl/v1/{path}", json=payload)
     assert r.status_code == status, (r.status_code, r.text)
     return r.json()
+
+
+def server_pid(url: str) -> int:
+    """The process listening on ``url``'s port (the session server, or a debug one)."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return next(
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    )

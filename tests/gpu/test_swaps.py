@@ -11,9 +11,19 @@ import asyncio
 import shutil
 from pathlib import Path
 
-import psutil
 import pytest
-from engine_helpers import PROMPT, Stream, complete, loras, post, wait_in_flight, words
+from engine_helpers import (
+    PROMPT,
+    Stream,
+    complete,
+    loras,
+    post,
+    server_pid,
+    wait_in_flight,
+    words,
+)
+
+from vllm_lora_ext.soak import server_rss_mib
 
 
 async def load(client, name: str, path: Path | str, **extra) -> int:
@@ -172,19 +182,6 @@ async def test_retired_version_stays_until_its_queued_requests_finish(client, to
         await post(client, "unload_lora_adapter", {"lora_name": "race"})
 
 
-def server_rss_mib(url: str) -> float:
-    """Resident memory of the server process listening on ``url`` and its children
-    (API server, engine core, workers)."""
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    pid = next(
-        c.pid
-        for c in psutil.net_connections(kind="tcp")
-        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
-    )
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
-
-
 async def test_thousand_swaps_keep_memory_and_registered_adapters_flat(client, toy, server):
     """1,000 loads under one name with requests in between: engine adapters and resident
     versions stay bounded, memory stays flat, every answer comes from the version its
@@ -214,10 +211,10 @@ async def test_thousand_swaps_keep_memory_and_registered_adapters_flat(client, t
             if i == 100:
                 await asyncio.gather(*requests)
                 state = await client.get("/skyrl/v1/loras")
-                baseline = (server_rss_mib(server), state.json()["engine_adapters"])
+                baseline = (server_rss_mib(server_pid(server)), state.json()["engine_adapters"])
         answers = await asyncio.gather(*requests)
         state = (await client.get("/skyrl/v1/loras")).json()
-        rss = server_rss_mib(server)
+        rss = server_rss_mib(server_pid(server))
     finally:
         await post(client, "unload_lora_adapter", {"lora_name": "churn"})
     assert baseline is not None

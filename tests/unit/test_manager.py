@@ -116,7 +116,7 @@ async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     await asyncio.sleep(0.02)
     with pytest.raises(AdapterBusyError) as err:
         await m.pause("meow", "wait", 0.05)
-    assert err.value.status == 504
+    assert err.value.status == 409
     assert not m.registry.get("meow").paused
     await task
 
