@@ -172,17 +172,19 @@ class LoraManager:
         are serialized; the previous version serves until the new one is committed."""
         try:
             loaded = await self._load(name, path, interrupt, pin)
-        except broadcast.NotReadyError:
-            metrics.SWAPS.labels(name, "not_ready").inc()
-            raise
-        except broadcast.CorruptStepError:
-            metrics.SWAPS.labels(name, "corrupt").inc()
-            raise
-        except LoraExtError:
-            metrics.SWAPS.labels(name, "refused").inc()
-            raise
-        except BaseException:
-            metrics.SWAPS.labels(name, "error").inc()
+        except BaseException as e:
+            # Label only names we serve: refused input must not mint metric series.
+            label = name if name in self.registry else "<unknown>"
+            outcome = (
+                "not_ready"
+                if isinstance(e, broadcast.NotReadyError)
+                else "corrupt"
+                if isinstance(e, broadcast.CorruptStepError)
+                else "refused"
+                if isinstance(e, LoraExtError)
+                else "error"
+            )
+            metrics.SWAPS.labels(label, outcome).inc()
             raise
         metrics.SWAPS.labels(name, "ok").inc()
         metrics.SWAP_LATENCY.labels(name).observe(loaded.latency_ms / 1000)
@@ -198,18 +200,20 @@ class LoraManager:
         async with self._load_locks[name]:
             started = time.monotonic()
             version = self.registry.new_version(name, path)
+            added = False
             try:
                 manifest = await self._await_stable(version) if stepped else None
                 version.load_path = await asyncio.to_thread(self._stage_copy, version, manifest)
                 t_add = time.monotonic()
+                added = True
                 await self.engine.add_lora(lora_request_of(version))
                 version.add_lora_ms = 1000 * (time.monotonic() - t_add)
-            except LoraExtError:
+            except BaseException as e:  # refused, failed or cancelled: nothing changes
+                if added:
+                    await asyncio.shield(self._forget_in_engine(version))
                 await asyncio.to_thread(self._unstage, version)
-                raise
-            except Exception as e:  # the engine refused the weights: nothing changes
-                await self._forget_in_engine(version)
-                await asyncio.to_thread(self._unstage, version)
+                if isinstance(e, LoraExtError) or not isinstance(e, Exception):
+                    raise
                 raise InvalidAdapterError(
                     f"engine refused adapter '{name}' from '{path}': {e}"
                 ) from e
@@ -287,15 +291,15 @@ class LoraManager:
             shutil.copytree(version.path, dest, ignore=shutil.ignore_patterns(".*"))
             if manifest is not None:
                 broadcast.verify_copy(dest, manifest)
-        except broadcast.CorruptStepError:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
+            check_adapter_dir(str(dest), self.max_lora_rank, self.model_modules)
         except OSError as e:
             shutil.rmtree(dest, ignore_errors=True)
             raise InvalidAdapterError(
                 f"cannot read adapter '{version.name}' from '{version.path}': {e}"
             ) from e
-        check_adapter_dir(str(dest), self.max_lora_rank, self.model_modules)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         return str(dest)
 
     def _unstage(self, version: Version) -> None:

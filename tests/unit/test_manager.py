@@ -306,3 +306,31 @@ async def test_watcher_swaps_in_each_new_stable_step(tmp_path):
     await wait_until(lambda: m.registry.get("meow").current_version.path == str(root / "step_9"))
     await m.shutdown()
     assert all(t.done() for t in m._tasks) or not m._tasks
+
+
+async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
+    m, engine = await make(tmp_path)
+    stage = Path(m.registry.get("meow").current_version.load_path).parent
+    bad = write_adapter(tmp_path / "bad")
+    (bad / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(InvalidAdapterError):
+        await m.load("meow", str(bad))
+    engine.fail_add = RuntimeError("bad weights")
+    with pytest.raises(InvalidAdapterError):
+        await m.load("meow", str(write_adapter(tmp_path / "m2")))
+    engine.fail_add = None
+
+    async def slow_add(lora_request) -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    engine.add_lora = slow_add
+    load = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m3"))))
+    await wait_until(lambda: len(list(stage.iterdir())) == 2)  # staged, now in add_lora
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    assert sorted(p.name for p in stage.iterdir()) == [
+        str(m.registry.get("meow").current_version.lora_int_id)
+    ]
+    assert m.registry.get("meow").current == 1
