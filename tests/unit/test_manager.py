@@ -334,3 +334,30 @@ async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
         str(m.registry.get("meow").current_version.lora_int_id)
     ]
     assert m.registry.get("meow").current == 1
+
+
+async def test_loads_of_one_name_serialize_and_of_two_names_do_not(tmp_path):
+    m, engine = await make(tmp_path)
+    gate = asyncio.Event()
+    real_add = engine.add_lora
+    inside: list[str] = []
+    most = 0
+
+    async def add(lora_request) -> bool:
+        nonlocal most
+        if lora_request.lora_name.startswith("meow"):
+            inside.append(lora_request.lora_name)
+            most = max(most, len(inside))
+            await gate.wait()  # meow's load is stuck in the engine
+            await asyncio.sleep(0.01)
+            inside.remove(lora_request.lora_name)
+        return await real_add(lora_request)
+
+    engine.add_lora = add
+    first = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m2"))))
+    second = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m3"))))
+    woof = await asyncio.wait_for(m.load("woof", str(write_adapter(tmp_path / "w1"))), 2)
+    assert woof.version.number == 1 and not first.done() and not second.done()
+    gate.set()
+    assert [(await t).version.number for t in (first, second)] == [2, 3]
+    assert most == 1  # never two loads of meow in the engine at once
