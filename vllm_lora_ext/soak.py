@@ -56,10 +56,13 @@ class SoakReport:
 
     @property
     def rss_slope_mib_per_min(self) -> float:
-        if len(self.rss_mib) < 3:
-            return 0.0
-        xs, ys = zip(*self.rss_mib, strict=True)
-        return 60 * statistics.linear_regression(xs, ys).slope
+        return _slope(self.rss_mib)
+
+    @property
+    def rss_slope_late_mib_per_min(self) -> float:
+        """Over the second half only: the KV cache and the LoRA caches are touched
+        progressively (RSS rises while they warm up), a leak keeps rising."""
+        return _slope(self.rss_mib[len(self.rss_mib) // 2 :])
 
     @property
     def ok(self) -> bool:
@@ -86,7 +89,8 @@ class SoakReport:
             ("lost or truncated requests", str(len(self.failures))),
             ("resident versions over keep + in flight", str(max(0, self.max_resident_over_bound))),
             ("server RSS start -> end (MiB)", self._rss_span()),
-            ("server RSS slope (MiB/min)", f"{self.rss_slope_mib_per_min:+.2f}"),
+            ("server RSS slope, whole run (MiB/min)", f"{self.rss_slope_mib_per_min:+.2f}"),
+            ("server RSS slope, second half (MiB/min)", f"{self.rss_slope_late_mib_per_min:+.2f}"),
             ("left paused / held / in flight", str(len(self.leftover))),
         ]
 
@@ -94,6 +98,13 @@ class SoakReport:
         if not self.rss_mib:
             return "-"
         return f"{self.rss_mib[0][1]:.0f} -> {self.rss_mib[-1][1]:.0f}"
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    if len(points) < 3:
+        return 0.0
+    xs, ys = zip(*points, strict=True)
+    return 60 * statistics.linear_regression(xs, ys).slope
 
 
 class _Counting(httpx.AsyncBaseTransport):
