@@ -123,6 +123,7 @@ class _Replica:
     url: str
     in_flight: int = 0
     down_until: float = 0.0
+    suspect: bool = False  # failed before: must pass /health before it gets requests
 
 
 def _error_text(r: httpx.Response) -> str:
@@ -216,8 +217,36 @@ class RemoteInferenceClient:
             replica.in_flight -= 1
             if failed:
                 replica.down_until = time.monotonic() + self.down_for_s
+                replica.suspect = True
             else:
                 replica.down_until = 0.0
+                replica.suspect = False
+
+    async def _healthy(self, replica: _Replica) -> bool:
+        """A replica that failed comes back only once its ``/health`` answers 200."""
+        if not replica.suspect:
+            return True
+        try:
+            r = await self._http().get(f"{replica.url}/health", timeout=5.0)
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        with self._lock:
+            if ok:
+                replica.suspect = False
+            else:
+                replica.down_until = time.monotonic() + self.down_for_s
+        return ok
+
+    async def _choose(self, tried: set[str]) -> _Replica:
+        while True:
+            replica = self._pick(tried)
+            if await self._healthy(replica):
+                return replica
+            self._done(replica, failed=True)
+            tried.add(replica.url)
+            if all(r.url in tried for r in self.replicas):
+                raise _Transient(f"no healthy replica (last tried {replica.url})")
 
     # ---- sampling -----------------------------------------------------------------------
     async def sample(
@@ -363,7 +392,7 @@ class RemoteInferenceClient:
         await asyncio.sleep(delay)
 
     async def _complete(self, body: dict[str, Any], tried: set[str]) -> SampleResponse:
-        replica = self._pick(tried)
+        replica = await self._choose(tried)
         tried.add(replica.url)
         failed = False
         try:

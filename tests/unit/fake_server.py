@@ -30,12 +30,15 @@ class FakeServer:
     control_fail: dict[str, int] = field(default_factory=dict)  # route -> status
     made: int = 0  # tokens generated in all
     call_versions: list[int] = field(default_factory=list)  # adapter version per call
+    healthy: bool = True
+    health_checks: int = 0
     short_logprobs: int = 0  # calls whose logprobs miss the last token (a broken server)
 
     def app(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
                 Route("/skyrl/v1/{op}", self.op, methods=["GET", "POST"]),
             ]
         )
@@ -80,6 +83,10 @@ class FakeServer:
         return JSONResponse(
             {"id": "cmpl-x", "choices": choices}, headers={"x-lora-version": str(self.version)}
         )
+
+    async def health(self, request: Request) -> JSONResponse:
+        self.health_checks += 1
+        return JSONResponse({}, status_code=200 if self.healthy else 503)
 
     async def op(self, request: Request) -> JSONResponse:
         op = request.path_params["op"]

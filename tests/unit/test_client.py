@@ -116,20 +116,26 @@ async def test_client_errors_are_not_retried():
     assert err.value.status == 404 and len(server.calls) == 1
 
 
-async def test_a_dead_replica_is_skipped_and_retried_later():
+async def test_a_dead_replica_is_skipped_then_readmitted_by_its_health_check():
     client, servers, transport = make([], [], down_for_s=60)
     transport.down.add("r0")
     for _ in range(6):
         r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
         assert r.replica == "http://r1"
     assert transport.refused.count("r0") == 1  # tried once, then left alone
-    client.down_for_s = 0
-    client.replicas[0].down_until = 0
     transport.down.clear()
+    servers[0].healthy = False  # back up, but not healthy yet
+    client.replicas[0].down_until = 0  # its time out is over
+    for _ in range(4):
+        r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
+        assert r.replica == "http://r1"
+    assert servers[0].health_checks == 1 and not servers[0].calls  # probed, refused
+    servers[0].healthy = True
+    client.replicas[0].down_until = 0
     await asyncio.gather(
         *(client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2) for _ in range(8))
     )
-    assert servers[0].calls  # back in rotation
+    assert servers[0].health_checks == 2 and servers[0].calls  # back in rotation
 
 
 async def test_sync_lora_names_the_failed_replica_and_leaves_none_paused():
