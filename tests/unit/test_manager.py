@@ -137,6 +137,8 @@ async def test_abort_stops_only_the_segments_of_that_adapter(tmp_path):
     for t in meows:
         assert (await t)[-1].outputs[0].finish_reason == "abort"
     assert (await woof)[-1].outputs[0].finish_reason == "length"
+    assert m.registry.in_flight("meow") == m.registry.in_flight("woof") == 0
+    assert all(v.refcount == 0 for v in m.registry.get("meow").versions.values())
 
 
 async def wait_until(cond, timeout: float = 2.0) -> None:
