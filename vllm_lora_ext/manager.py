@@ -193,10 +193,15 @@ class LoraManager:
     async def _load(self, name: str, path: str, interrupt: Interrupt | None, pin: bool) -> Loaded:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
-        await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
-        stepped = await asyncio.to_thread(broadcast.is_broadcast_step, path)
-        if not stepped:  # fail fast, before taking the name's lock
-            await asyncio.to_thread(check_adapter_dir, path, self.max_lora_rank, self.model_modules)
+        try:
+            await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
+            stepped = await asyncio.to_thread(broadcast.is_broadcast_step, path)
+            if not stepped:  # fail fast, before taking the name's lock
+                await asyncio.to_thread(
+                    check_adapter_dir, path, self.max_lora_rank, self.model_modules
+                )
+        except OSError as e:  # e.g. a name too long for the filesystem: bad input, not a 500
+            raise InvalidAdapterError(f"cannot inspect lora_path '{path}': {e.strerror}") from e
         async with self._load_locks[name]:
             started = time.monotonic()
             version = self.registry.new_version(name, path)
@@ -214,6 +219,8 @@ class LoraManager:
                 await asyncio.to_thread(self._unstage, version)
                 if isinstance(e, LoraExtError) or not isinstance(e, Exception):
                     raise
+                if not added:  # the files, not the engine (e.g. leasing the step failed)
+                    raise InvalidAdapterError(f"cannot read lora_path '{path}': {e}") from e
                 raise InvalidAdapterError(
                     f"engine refused adapter '{name}' from '{path}': {e}"
                 ) from e
@@ -224,6 +231,7 @@ class LoraManager:
             interrupted = 0
             if interrupt is not None:
                 interrupted = await self._interrupt(self.registry.interrupt_older(name, interrupt))
+            latency_ms = 1000 * (time.monotonic() - started)
             logger.info(
                 "lora_ext load name=%s version=%d path=%s interrupt=%s interrupted=%d "
                 "add_lora_ms=%.1f latency_ms=%.1f",
@@ -233,10 +241,10 @@ class LoraManager:
                 interrupt,
                 interrupted,
                 version.add_lora_ms,
-                1000 * (time.monotonic() - started),
+                latency_ms,
             )
         self._retire(retire)
-        return Loaded(version, interrupted, 1000 * (time.monotonic() - started))
+        return Loaded(version, interrupted, latency_ms)
 
     async def _await_stable(self, version: Version) -> dict:
         """Lease a broadcast step, then wait (bounded, with backoff) until its sentinel
@@ -281,9 +289,8 @@ class LoraManager:
         """Copy the adapter files the server will load from (see ``stage_adapters``),
         and check the copy: what is loaded is what was checked."""
         if self._stage is None:
-            if manifest is None:
-                return version.path
-            check_adapter_dir(version.path, self.max_lora_rank, self.model_modules)
+            if manifest is not None:  # a step skipped the early check (it had to wait)
+                check_adapter_dir(version.path, self.max_lora_rank, self.model_modules)
             return version.path
         dest = self._stage / str(version.lora_int_id)
         shutil.rmtree(dest, ignore_errors=True)

@@ -95,6 +95,8 @@ async def test_paths_outside_the_roots_are_refused(served, tmp_path):
         (str(tmp_path / "ok" / "link"), 403, "resolves to"),
         (str(tmp_path / "ok" / ".." / "elsewhere"), 400, "'..'"),
         ("ok/meow", 400, "absolute"),
+        (str(tmp_path / "ok" / ("a" * 300)), 400, "cannot inspect lora_path"),
+        (str(tmp_path / "ok" / ("a" * 300) / "step_1"), 400, "cannot read lora_path"),
     ]
     for path, status, needle in cases:
         r = await c.post(
