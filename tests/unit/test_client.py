@@ -126,12 +126,14 @@ async def test_a_dead_replica_is_skipped_then_readmitted_by_its_health_check():
     transport.down.clear()
     servers[0].healthy = False  # back up, but not healthy yet
     client.replicas[0].down_until = 0  # its time out is over
+    client.replicas[1].in_flight += 100  # so r0, once up, is always the first choice
     for _ in range(4):
         r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
         assert r.replica == "http://r1"
     assert servers[0].health_checks == 1 and not servers[0].calls  # probed, refused
     servers[0].healthy = True
     client.replicas[0].down_until = 0
+    client.replicas[1].in_flight -= 100
     await asyncio.gather(
         *(client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2) for _ in range(8))
     )

@@ -357,6 +357,7 @@ async def test_loads_of_one_name_serialize_and_of_two_names_do_not(tmp_path):
 
     engine.add_lora = add
     first = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m2"))))
+    await wait_until(lambda: len(inside) == 1)  # first holds meow's lock, in the engine
     second = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m3"))))
     woof = await asyncio.wait_for(m.load("woof", str(write_adapter(tmp_path / "w1"))), 2)
     assert woof.version.number == 1 and not first.done() and not second.done()
