@@ -18,9 +18,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vllm_lora_ext.soak import SoakConfig, soak
-from vllm_lora_ext.toy import build_toy_assets
-from vllm_lora_ext.toy_server import free_port, lora_ext_cmd, start_server, warm_up
+from vllm_lora_ext.toy.assets import build_toy_assets
+from vllm_lora_ext.toy.server import free_port, lora_ext_cmd, start_server, warm_up
+from vllm_lora_ext.toy.soak import SoakConfig, soak
 
 
 def main() -> int:

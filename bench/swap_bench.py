@@ -32,8 +32,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from vllm_lora_ext.toy import ToyAssets, build_toy_assets
-from vllm_lora_ext.toy_server import (
+from vllm_lora_ext.toy.assets import ToyAssets, build_toy_assets
+from vllm_lora_ext.toy.server import (
     ServerProcess,
     free_port,
     lora_ext_cmd,

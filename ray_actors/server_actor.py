@@ -43,7 +43,7 @@ class LoraServer:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from vllm_lora_ext.server import bind_socket, build_lora_app, parse_server_args
+        from vllm_lora_ext.server.app import bind_socket, build_lora_app, parse_server_args
 
         if self.url is not None:
             return self.url

@@ -13,16 +13,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        from vllm_lora_ext.server import main_serve
+        from vllm_lora_ext.server.app import main_serve
 
         main_serve(rest)
         return 0
     if command == "demo":
-        from vllm_lora_ext.demo import main as demo_main
+        from vllm_lora_ext.toy.demo import main as demo_main
 
         return demo_main(rest)
     if command == "toy":
-        from vllm_lora_ext.toy import build_toy_assets
+        from vllm_lora_ext.toy.assets import build_toy_assets
 
         print(build_toy_assets().model_dump_json(indent=2))
         return 0

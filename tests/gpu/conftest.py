@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_lora_ext.toy import ToyAssets, build_toy_assets
-from vllm_lora_ext.toy_server import ServerProcess, free_port, lora_ext_cmd, start_server, warm_up
+from vllm_lora_ext.toy.assets import ToyAssets, build_toy_assets
+from vllm_lora_ext.toy.server import ServerProcess, free_port, lora_ext_cmd, start_server, warm_up
 
 HOLD_TIMEOUT_S = 4.0
 # Short bounded waits so refusals are quick to observe.

@@ -15,7 +15,7 @@ import pytest
 from engine_helpers import PROMPT, loras, post, wait_in_flight, words
 
 from vllm_lora_ext.client import FanoutError, RemoteInferenceClient, RetryPolicy
-from vllm_lora_ext.toy_server import free_port, lora_ext_cmd, start_server, warm_up
+from vllm_lora_ext.toy.server import free_port, lora_ext_cmd, start_server, warm_up
 
 MAX_TOKENS = 300
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from engine_helpers import PROMPT
 
-from vllm_lora_ext.toy_server import free_port, server_args, start_server, stock_vllm_cmd
+from vllm_lora_ext.toy.server import free_port, server_args, start_server, stock_vllm_cmd
 
 
 def _smoke(url: str, headers: dict[str, str] | None = None) -> None:

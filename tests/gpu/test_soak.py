@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine_helpers import server_pid
 
-from vllm_lora_ext.soak import SoakConfig, soak
+from vllm_lora_ext.toy.soak import SoakConfig, soak
 
 
 async def test_short_soak(client, server, toy):

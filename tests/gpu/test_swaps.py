@@ -23,7 +23,7 @@ from engine_helpers import (
     words,
 )
 
-from vllm_lora_ext.soak import server_rss_mib
+from vllm_lora_ext.toy.soak import server_rss_mib
 
 
 async def load(client, name: str, path: Path | str, **extra) -> int:

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from vllm_lora_ext.attribution import AttributionMiddleware, SpanBook
-from vllm_lora_ext.continuation import Sample, Span
+from vllm_lora_ext.server.attribution import AttributionMiddleware, SpanBook
+from vllm_lora_ext.server.continuation import Sample, Span
 
 
 def samples(*spans: list[tuple[int, int, int]]) -> list[Sample]:

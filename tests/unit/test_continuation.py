@@ -6,7 +6,7 @@ from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from vllm_lora_ext.continuation import Stitcher
+from vllm_lora_ext.server.continuation import Stitcher
 
 PROMPT = [1, 2, 3]
 

@@ -17,7 +17,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError
-from vllm_lora_ext.manager import LoraManager
+from vllm_lora_ext.server.manager import LoraManager
 
 
 async def make(tmp_path, **cfg) -> tuple[LoraManager, FakeEngine]:

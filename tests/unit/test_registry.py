@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_lora_ext.errors import LoraExtError, UnknownAdapterError
-from vllm_lora_ext.registry import Registry, split_pinned
+from vllm_lora_ext.server.registry import Registry, split_pinned
 
 
 def loaded(keep: int = 2, *paths: str) -> Registry:

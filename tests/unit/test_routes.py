@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.manager import LoraManager
-from vllm_lora_ext.routes import router
+from vllm_lora_ext.server.manager import LoraManager
+from vllm_lora_ext.server.routes import router
 
 
 def build_app(tmp_path, **cfg) -> tuple[FastAPI, LoraManager]:

@@ -9,7 +9,7 @@ import pytest
 from fakes import write_adapter
 
 from vllm_lora_ext.errors import InvalidAdapterError
-from vllm_lora_ext.validation import check_adapter_dir, model_module_names
+from vllm_lora_ext.server.validation import check_adapter_dir, model_module_names
 
 
 def test_valid_adapter_passes(tmp_path):

@@ -30,12 +30,13 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 
-from vllm_lora_ext import broadcast, metrics
-from vllm_lora_ext.attribution import SpanBook
+from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.continuation import Stitcher
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
-from vllm_lora_ext.registry import (
+from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.attribution import SpanBook
+from vllm_lora_ext.server.continuation import Stitcher
+from vllm_lora_ext.server.registry import (
     Flight,
     Interrupt,
     PauseMode,
@@ -43,7 +44,7 @@ from vllm_lora_ext.registry import (
     Version,
     split_pinned,
 )
-from vllm_lora_ext.validation import check_adapter_dir, check_under_roots, model_module_names
+from vllm_lora_ext.server.validation import check_adapter_dir, check_under_roots, model_module_names
 
 logger = logging.getLogger("vllm.lora_ext")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from vllm_lora_ext.toy import ToyAssets
+from vllm_lora_ext.toy.assets import ToyAssets
 
 START_TIMEOUT_S = 300
 # Slot headroom: the CPU backend applies the last slot's adapter to base-model requests

@@ -27,7 +27,7 @@ class PolicyTrainer:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from vllm_lora_ext.toy import lora_config
+        from vllm_lora_ext.toy.assets import lora_config
 
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

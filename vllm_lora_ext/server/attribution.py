@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vllm_lora_ext.continuation import Sample, Span
+from vllm_lora_ext.server.continuation import Sample, Span
 
 VERSION_HEADER = "x-lora-version"
 ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.plugin import ensure_attached
+from vllm_lora_ext.server.plugin import ensure_attached
 
 
 def parse_server_args(argv: Sequence[str]) -> Namespace:

@@ -1,4 +1,4 @@
-"""The ``/skyrl/v1/`` router: thin HTTP over :class:`~vllm_lora_ext.manager.LoraManager`.
+"""The ``/skyrl/v1/`` router: thin HTTP over :class:`~vllm_lora_ext.server.manager.LoraManager`.
 
 Every refusal is ``{"error": "..."}`` with a 4xx (or 503 for a held request that timed out),
 including malformed bodies, which FastAPI would otherwise answer in its own shape.
@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from vllm_lora_ext.errors import LoraExtError, UnauthorizedError
-from vllm_lora_ext.manager import LoraManager
 from vllm_lora_ext.protocol import (
     AbortLoraRequest,
     AbortLoraResponse,
@@ -37,6 +36,7 @@ from vllm_lora_ext.protocol import (
     UnloadLoraRequest,
     UnloadLoraResponse,
 )
+from vllm_lora_ext.server.manager import LoraManager
 
 logger = logging.getLogger("vllm.lora_ext")
 PREFIX = "/skyrl/v1"

@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 from starlette.middleware import Middleware
 
-from vllm_lora_ext.attribution import AttributionMiddleware
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.manager import LoraManager
-from vllm_lora_ext.routes import router
+from vllm_lora_ext.server.attribution import AttributionMiddleware
+from vllm_lora_ext.server.manager import LoraManager
+from vllm_lora_ext.server.routes import router
 
 PLUGIN_NAME = "lora_ext"
 

@@ -187,7 +187,7 @@ class Summary:
 
 
 async def run(urls: list[str], tenants: list[Tenant], model: str, args) -> Summary:
-    from vllm_lora_ext.trainer import PolicyTrainer
+    from vllm_lora_ext.toy.ppo import PolicyTrainer
 
     policy = RetryPolicy(deadline_s=600, max_attempts=100)
     async with RemoteInferenceClient(urls, retry=policy) as rc:
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from ray_actors.server_actor import launch_servers, shutdown_servers
-    from vllm_lora_ext.toy import build_toy_assets
+    from vllm_lora_ext.toy.assets import build_toy_assets
 
     torch.set_num_threads(1)  # the engine needs the other core
     if args.model:

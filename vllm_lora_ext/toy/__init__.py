@@ -1,0 +1,1 @@
+"""The built-in toy model, its server helpers, the RL demo and the soak."""
