@@ -19,18 +19,27 @@ loop, so the client can be shared by coroutines and used from several loops or t
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import httpx
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from pydantic import BaseModel, Field
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
-T = TypeVar("T")
 ROUTES = "/skyrl/v1"
 
 
@@ -326,7 +335,6 @@ class RemoteInferenceClient:
         deadline: float,
     ) -> None:
         sample = state.samples[index]
-        idle_rounds = 0
         if sample.finish_reason == "abort" and not state.prompt_token_ids:
             raise SampleRetryError("the server returned no prompt token ids to continue", state)
         while sample.finish_reason == "abort":
@@ -338,21 +346,17 @@ class RemoteInferenceClient:
                 raise SampleRetryError(
                     f"sample {index} still aborted after {sample.attempts} attempts", state
                 )
-            if idle_rounds:  # aborted again with nothing made: do not spin
-                await self._sleep(policy, idle_rounds, deadline, state)
             body = self._body(
                 model,
                 [*state.prompt_token_ids, *sample.token_ids],
                 None,
                 left,
                 1,
-                {k: v for k, v in sampling.items() if k != "seed"},
+                _continued(sampling, len(sample.token_ids)),
             )
-            seg = await self._retrying(body, policy, deadline, state)
+            seg = await self._retrying(body, policy, deadline, state, progress=True)
             sample.attempts += 1
-            made = seg.samples[0]
-            idle_rounds = 0 if made.token_ids else idle_rounds + 1
-            sample.extend(made)
+            sample.extend(seg.samples[0])
 
     async def _retrying(
         self,
@@ -360,36 +364,45 @@ class RemoteInferenceClient:
         policy: RetryPolicy,
         deadline: float,
         partial: SampleResponse | None,
+        progress: bool = False,
     ) -> SampleResponse:
-        """One segment, retried on transient failures (replica down, 503) with backoff."""
-        attempt = 0
+        """One segment, retried with jittered backoff on transient failures (a replica
+        down, a 503, and with ``progress`` an abort that made no token), bounded by the
+        policy's attempts and deadline."""
         tried: set[str] = set()
-        while True:
-            if time.monotonic() > deadline:
-                raise SampleRetryError(
-                    f"deadline of {policy.deadline_s}s passed", partial or _empty(body)
-                )
-            try:
-                return await self._complete(body, tried)
-            except _Transient as e:
-                attempt += 1
-                if attempt >= policy.max_attempts:
-                    raise SampleRetryError(
-                        f"gave up after {attempt} attempts: {e}", partial or _empty(body)
-                    ) from e
-                if len(tried) >= len(self.replicas):
-                    tried.clear()
-                await self._sleep(policy, attempt, deadline, partial or _empty(body))
 
-    @staticmethod
-    async def _sleep(
-        policy: RetryPolicy, attempt: int, deadline: float, partial: SampleResponse
-    ) -> None:
-        delay = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-        delay *= 0.5 + random.random() / 2  # jitter: replicas are not hit in lock-step
-        if time.monotonic() + delay > deadline:
-            raise SampleRetryError(f"deadline of {policy.deadline_s}s passed", partial)
-        await asyncio.sleep(delay)
+        def next_round(_: RetryCallState) -> None:
+            if len(tried) >= len(self.replicas):
+                tried.clear()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(policy.max_attempts)
+            | stop_before_delay(max(0.0, deadline - time.monotonic())),
+            wait=wait_random_exponential(
+                multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+            ),
+            before_sleep=next_round,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if time.monotonic() > deadline:
+                        raise SampleRetryError(
+                            f"deadline of {policy.deadline_s}s passed", partial or _empty(body)
+                        )
+                    seg = await self._complete(body, tried)
+                    if progress and seg.samples[0].finish_reason == "abort":
+                        if not seg.samples[0].token_ids:
+                            raise _Transient("aborted again before making a token")
+                    return seg
+        except _Transient as e:
+            raise SampleRetryError(
+                f"gave up after {policy.max_attempts} attempts or {policy.deadline_s}s: {e}",
+                partial or _empty(body),
+            ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _complete(self, body: dict[str, Any], tried: set[str]) -> SampleResponse:
         replica = await self._choose(tried)
@@ -578,20 +591,43 @@ def _parse(r: httpx.Response, replica: str) -> SampleResponse:
     for choice in sorted(body["choices"], key=lambda c: c["index"]):
         tokens = list(choice.get("token_ids") or [])
         lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        keep = min(len(tokens), len(lp))  # 1:1, whatever the server sent
+        finish = choice.get("finish_reason")
+        if len(lp) < len(tokens):
+            # Tokens without a logprob cannot be trained on: cut them, and let the cut
+            # end like an abort, which sample_with_retry continues (made again, with
+            # logprobs), so no token is dropped from the result.
+            tokens = tokens[: len(lp)]
+            finish = "abort"
         samples.append(
             Sample(
-                token_ids=tokens[:keep],
-                logprobs=[float(x) for x in lp[:keep]],
-                text=choice.get("text", ""),
-                finish_reason=choice.get("finish_reason"),
+                token_ids=tokens,
+                logprobs=[float(x) for x in lp[: len(tokens)]],
+                text=choice.get("text", "") if finish == choice.get("finish_reason") else "",
+                finish_reason=finish,
                 stop_reason=choice.get("stop_reason"),
-                lora_versions=[dict(s) for s in choice.get("lora_versions") or []],
+                lora_versions=_clip_spans(choice.get("lora_versions") or [], len(tokens)),
             )
         )
         prompt_ids = prompt_ids or list(choice.get("prompt_token_ids") or [])
     header = r.headers.get("x-lora-version")
     return SampleResponse(samples, prompt_ids, replica, int(header) if header else None)
+
+
+def _clip_spans(spans: list[dict[str, int]], n_tokens: int) -> list[dict[str, int]]:
+    out = []
+    for span in spans:
+        if span["start"] < n_tokens:
+            out.append({**span, "end": min(span["end"], n_tokens)})
+    return out
+
+
+def _continued(sampling: dict[str, Any], made: int) -> dict[str, Any]:
+    """The sampling fields of a continuation after ``made`` tokens: no seed (``n``
+    samples must not collapse into one stream), and ``min_tokens`` less what was made."""
+    out = {k: v for k, v in sampling.items() if k != "seed"}
+    if out.get("min_tokens"):
+        out["min_tokens"] = max(0, int(out["min_tokens"]) - made)
+    return out
 
 
 def _empty(body: dict[str, Any]) -> SampleResponse:
@@ -602,16 +638,13 @@ def _empty(body: dict[str, Any]) -> SampleResponse:
 
 
 class SyncInferenceClient:
-    """Blocking wrapper for scripts: every call runs on a private loop in one thread."""
+    """Blocking wrapper for scripts: every call runs on an event loop in one worker
+    thread (an anyio blocking portal)."""
 
     def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
         self.client = RemoteInferenceClient(urls, **kwargs)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        self._portal_cm = start_blocking_portal()
+        self._portal: BlockingPortal | None = self._portal_cm.__enter__()
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
@@ -619,17 +652,19 @@ class SyncInferenceClient:
             return method
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            result = method(*args, **kwargs)
-            return self._run(result) if isinstance(result, Awaitable) else result
+            if self._portal is None:
+                raise RuntimeError("the client is closed")
+            if asyncio.iscoroutinefunction(method):
+                return self._portal.call(functools.partial(method, *args, **kwargs))
+            return method(*args, **kwargs)
 
         return call
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self.client.aclose())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-        self._loop.close()
+        if self._portal is not None:
+            self._portal.call(self.client.aclose)
+            self._portal = None
+            self._portal_cm.__exit__(None, None, None)
 
     def __enter__(self) -> SyncInferenceClient:
         return self

@@ -93,7 +93,7 @@ class VersionInfo(BaseModel):
     in_flight: int
     path: str
     pinned: bool
-    retired: bool
+    unloaded: bool
 
 
 class AdapterInfo(BaseModel):

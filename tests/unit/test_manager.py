@@ -1,5 +1,6 @@
-"""LoraManager against a fake engine: leases on every exit path, bounded waits, abort
-filtering, failed loads leaving the previous version serving."""
+"""LoraManager and its gate against the faithful fake engine (vLLM's own request path,
+fake model): leases on every exit path, tenant isolation with shared request ids, no
+segment escaping an abort, bounded waits, failed loads leaving the previous version."""
 
 from __future__ import annotations
 
@@ -9,92 +10,147 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fakes import FakeEngine, write_adapter
+from fakes import FakeEngine, token_at, write_adapter
 from vllm.exceptions import GracefulHTTPError
+from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError
+from vllm_lora_ext.server import attribution, metrics
 from vllm_lora_ext.server.manager import LoraManager
 
+_made: list[tuple[LoraManager, FakeEngine]] = []
 
-async def make(tmp_path, **cfg) -> tuple[LoraManager, FakeEngine]:
+
+@pytest.fixture(autouse=True)
+async def _cleanup():
+    yield
+    while _made:
+        m, engine = _made.pop()
+        await m.shutdown()
+        engine.shutdown()
+
+
+async def make(tmp_path, names=("meow",), **cfg) -> tuple[LoraManager, FakeEngine]:
     engine = FakeEngine(**cfg.pop("engine", {}))
     config = LoraExtConfig(
-        **{"hold_timeout_s": 0.2, "drain_timeout_s": 0.2, "keep_versions": 1, **cfg}
+        **{"hold_timeout_s": 0.5, "drain_timeout_s": 0.5, "keep_versions": 1, **cfg}
     )
     manager = LoraManager(engine, config)
     manager.install()
-    await manager.load("meow", str(write_adapter(tmp_path / "meow1")))
+    _made.append((manager, engine))
+    for name in names:
+        await manager.load(name, str(write_adapter(tmp_path / f"{name}1")))
     return manager, engine
 
 
-def meow() -> LoRARequest:
-    return LoRARequest("meow", 1, "/alias")
+def lora(name: str = "meow") -> LoRARequest:
+    return LoRARequest(name, 1, "/alias")
 
 
-def params(kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> SamplingParams:
-    return SamplingParams(max_tokens=1000, output_kind=kind)
+def params(kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY, **kw) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 1000, "output_kind": kind, **kw})
 
 
 async def drain(gen) -> list:
     return [o async for o in gen]
 
 
+def run(engine, rid: str, name: str | None = "meow", kind=RequestOutputKind.FINAL_ONLY, **kw):
+    gen = engine.generate(
+        "p", params(kind, **kw), rid, lora_request=lora(name) if name else None
+    )
+    return asyncio.create_task(drain(gen))
+
+
+async def wait_until(cond, timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 - polling fake state is the point
+            await asyncio.sleep(0.002)
+
+
+def tokens_of(outs: list, kind=RequestOutputKind.FINAL_ONLY) -> list[int]:
+    if kind == RequestOutputKind.DELTA:
+        return [t for o in outs for t in o.outputs[0].token_ids]
+    return list(outs[-1].outputs[0].token_ids)
+
+
+def flights(m: LoraManager, name: str = "meow") -> int:
+    return len(m.registry.get(name).flights)
+
+
+def refcounts(m: LoraManager, name: str = "meow") -> list[int]:
+    return [v.refcount for v in m.registry.get(name).versions.values()]
+
+
+# ---- leases on every exit path ---------------------------------------------------------
 async def test_requests_run_on_the_leased_internal_version(tmp_path):
     m, engine = await make(tmp_path)
-    outs = await drain(engine.generate("p", params(), "r1", lora_request=meow()))
-    assert outs[-1].outputs[0].finish_reason == "length"
+    outs = await run(engine, "r1")
+    assert outs[-1].outputs[0].finish_reason == "stop"
+    assert tokens_of(outs) == [token_at(p) for p in range(3)]
     assert engine.seen_loras == ["meow@1"]  # the version, never the public alias
-    assert m.registry.in_flight("meow") == 0
+    assert flights(m) == 0 and refcounts(m) == [0]
 
 
 async def test_base_model_and_foreign_adapters_pass_through(tmp_path):
     m, engine = await make(tmp_path)
-    await drain(engine.generate("p", params(), "r1"))
+    await run(engine, "r1", None)
     await drain(engine.generate("p", params(), "r2", lora_request=LoRARequest("other", 7, "/o")))
     assert engine.seen_loras == [None, "other"]
-    assert m.registry.get("meow").current_version.refcount == 0  # no lease taken
+    assert refcounts(m) == [0]  # no lease taken
 
 
 async def test_lease_released_when_engine_errors(tmp_path):
     m, engine = await make(tmp_path)
     engine.fail_generate = RuntimeError("engine fell over")
-    with pytest.raises(RuntimeError):
-        await drain(engine.generate("p", params(), "r1", lora_request=meow()))
-    assert m.registry.get("meow").current_version.refcount == 0
+    with pytest.raises(Exception, match="fell over|EngineGenerateError"):
+        await run(engine, "r1")
+    assert refcounts(m) == [0] and flights(m) == 0
 
 
 async def test_lease_released_when_client_goes_away_mid_stream(tmp_path):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 100, "step_s": 0.01})
-    gen = engine.generate("p", params(), "r1", lora_request=meow())
-    task = asyncio.create_task(drain(gen))
-    await asyncio.sleep(0.05)
-    assert m.registry.in_flight("meow") == 1
+    task = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert m.registry.in_flight("meow") == 0
-    assert m.registry.get("meow").current_version.refcount == 0
+    assert flights(m) == 0 and refcounts(m) == [0]
+    assert not engine.running and not engine.output_processor.request_states
 
 
+# ---- holds -------------------------------------------------------------------------
 async def test_paused_adapter_holds_then_503(tmp_path):
-    m, engine = await make(tmp_path)
+    m, engine = await make(tmp_path, hold_timeout_s=0.1)
     await m.pause("meow", "keep", None)
     with pytest.raises(GracefulHTTPError) as err:
-        await drain(engine.generate("p", params(), "r1", lora_request=meow()))
+        await run(engine, "r1")
     assert err.value.http_status == 503
-    assert m.registry.get("meow").held == 0 and m.registry.in_flight("meow") == 0
+    assert not m.registry.get("meow").waiters and flights(m) == 0
 
 
 async def test_held_request_proceeds_on_resume(tmp_path):
     m, engine = await make(tmp_path, hold_timeout_s=5)
     await m.pause("meow", "keep", None)
-    task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
+    task = run(engine, "r1")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
+    m.resume("meow")
+    assert (await asyncio.wait_for(task, 2))[-1].finished
+
+
+async def test_held_request_stays_held_when_paused_again_before_it_runs(tmp_path):
+    m, engine = await make(tmp_path, hold_timeout_s=5)
+    await m.pause("meow", "keep", None)
+    task = run(engine, "r1")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
+    m.resume("meow")
+    await m.pause("meow", "keep", None)  # before the waiter got the loop back
     await asyncio.sleep(0.05)
-    assert m.registry.get("meow").held == 1 and not task.done()
+    assert not task.done() and flights(m) == 0 and engine.seen_loras == []
     m.resume("meow")
     assert (await asyncio.wait_for(task, 2))[-1].finished
 
@@ -102,18 +158,32 @@ async def test_held_request_proceeds_on_resume(tmp_path):
 async def test_shutdown_releases_held_requests_with_503(tmp_path):
     m, engine = await make(tmp_path, hold_timeout_s=30)
     await m.pause("meow", "keep", None)
-    task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
-    await asyncio.sleep(0.05)
+    task = run(engine, "r1")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
     await m.shutdown()
     with pytest.raises(GracefulHTTPError) as err:
         await asyncio.wait_for(task, 2)
     assert err.value.http_status == 503
 
 
+async def test_unload_while_paused_answers_held_requests_404_at_once(tmp_path):
+    m, engine = await make(tmp_path, hold_timeout_s=30)
+    await m.pause("meow", "keep", None)
+    task = run(engine, "r1")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
+    await m.unload("meow", None)
+    with pytest.raises(GracefulHTTPError) as err:
+        await asyncio.wait_for(task, 1)  # not the 30 s hold
+    assert err.value.http_status == 404
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+    assert not m.registry.get("meow").paused  # a reload does not come up paused
+    assert (await run(engine, "r2"))[-1].finished
+
+
 async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 100, "step_s": 0.01})
-    task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
-    await asyncio.sleep(0.02)
+    task = run(engine, "r1")
+    await wait_until(lambda: flights(m) == 1)
     with pytest.raises(AdapterBusyError) as err:
         await m.pause("meow", "wait", 0.05)
     assert err.value.status == 409
@@ -121,34 +191,167 @@ async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     await task
 
 
-async def test_abort_stops_only_the_segments_of_that_adapter(tmp_path):
-    m, engine = await make(tmp_path, engine={"tokens_per_request": 100, "step_s": 0.01})
-    await m.load("woof", str(write_adapter(tmp_path / "woof1")))
-    meows = [
-        asyncio.create_task(drain(engine.generate("p", params(), f"m{i}", lora_request=meow())))
-        for i in range(2)
-    ]
-    woof = asyncio.create_task(
-        drain(engine.generate("p", params(), "w", lora_request=LoRARequest("woof", 2, "/x")))
+async def test_wait_mode_returns_when_the_last_request_ends(tmp_path):
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 3})
+    task = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
+    pause = asyncio.create_task(m.pause("meow", "wait", 5))
+    await asyncio.sleep(0.01)
+    assert not pause.done()
+    engine.step(3)
+    await asyncio.wait_for(pause, 1)
+    assert m.registry.get("meow").paused and (await task)[-1].outputs[0].finish_reason == "stop"
+
+
+# ---- isolation -----------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["abort_route", "pause_abort", "pause_keep"])
+async def test_stopping_one_tenant_never_stops_another_with_the_same_request_id(tmp_path, how):
+    m, engine = await make(
+        tmp_path, names=("duck", "cow"), engine={"tokens_per_request": 40, "step_s": 0.005}
     )
+    duck = run(engine, "rollout-0", "duck")
+    cow = run(engine, "rollout-0", "cow")  # the same external id: accepted, as by vLLM
+    await wait_until(lambda: flights(m, "duck") == 1 and flights(m, "cow") == 1)
+    await wait_until(lambda: len(engine.engine_core.requests) == 2)
+    if how == "abort_route":
+        assert await m.abort("duck") == 1
+    else:
+        await m.pause("duck", "abort" if how == "pause_abort" else "keep", None)
+    cow_out = (await asyncio.wait_for(cow, 5))[-1].outputs[0]
+    assert cow_out.finish_reason == "stop" and len(cow_out.token_ids) == 40
+    if how == "pause_keep":
+        m.resume("duck")
+    duck_out = (await asyncio.wait_for(duck, 5))[-1].outputs[0]
+    if how == "pause_keep":
+        assert duck_out.finish_reason == "stop" and len(duck_out.token_ids) == 40
+    else:
+        assert duck_out.finish_reason == "abort" and len(duck_out.token_ids) < 40
+    assert all(a[1] for a in engine.aborted)  # every abort by internal id
+
+
+async def test_abort_stops_only_the_requests_of_that_adapter(tmp_path):
+    m, engine = await make(
+        tmp_path, names=("meow", "woof"), engine={"tokens_per_request": 100, "step_s": 0.01}
+    )
+    meows = [run(engine, f"m{i}") for i in range(2)]
+    woof = run(engine, "w", "woof")
     await wait_until(lambda: len(engine.running) == 3)
     assert await m.abort("meow") == 2
-    assert sorted(engine.aborted[0][0]) == ["m0", "m1"]
     for t in meows:
         assert (await t)[-1].outputs[0].finish_reason == "abort"
-    assert (await woof)[-1].outputs[0].finish_reason == "length"
-    assert m.registry.in_flight("meow") == m.registry.in_flight("woof") == 0
-    assert all(v.refcount == 0 for v in m.registry.get("meow").versions.values())
+    assert (await woof)[-1].outputs[0].finish_reason == "stop"
+    assert flights(m) == flights(m, "woof") == 0 and refcounts(m) == [0]
 
 
-async def wait_until(cond, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():  # noqa: ASYNC110 - polling fake state is the point
-            await asyncio.sleep(0.005)
+# ---- no segment escapes ----------------------------------------------------------------
+async def _stopped_on_its_way_in(tmp_path, kind):
+    """A request stopped by keep, resumed, and aborted while its continuation is still
+    in input processing (not yet registered with the engine)."""
+    m, engine = await make(
+        tmp_path, engine={"manual": True, "tokens_per_request": 100, "input_delay_s": 0.05}
+    )
+    task = run(engine, "r1", kind=kind)
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(5)
+    await m.pause("meow", "keep", None)
+    await wait_until(lambda: not engine.running)
+    m.resume("meow")
+    await wait_until(lambda: len(engine.seen_loras) == 2)  # the continuation is on its way
+    assert not engine.running
+    assert await m.abort("meow") == 1
+    outs = await asyncio.wait_for(task, 2)  # no step: it must end without one
+    return outs, engine
 
 
+@pytest.mark.parametrize("kind", [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA])
+async def test_abort_stops_a_continuation_still_on_its_way_in(tmp_path, kind):
+    outs, engine = await _stopped_on_its_way_in(tmp_path, kind)
+    assert outs[-1].outputs[0].finish_reason == "abort"
+    assert tokens_of(outs, kind) == [token_at(p) for p in range(5)]
+    assert not engine.running and not engine.output_processor.request_states
+
+
+async def test_abort_ends_held_requests_too(tmp_path):
+    m, engine = await make(tmp_path, hold_timeout_s=30)
+    await m.pause("meow", "keep", None)
+    held = [run(engine, f"h{i}") for i in range(2)]
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 2)
+    assert await m.abort("meow") == 2
+    for t in held:
+        out = (await asyncio.wait_for(t, 1))[-1].outputs[0]
+        assert out.finish_reason == "abort" and out.token_ids == []
+    assert flights(m) == 0 and not m.registry.get("meow").waiters
+
+
+async def test_vllm_abort_by_external_id_reaches_held_and_between_segments(tmp_path):
+    """vLLM's own /abort_requests aborts by external id: it must also end a request
+    held by a pause or waiting between continuation segments."""
+    m, engine = await make(
+        tmp_path, hold_timeout_s=30, engine={"manual": True, "tokens_per_request": 100}
+    )
+    between = run(engine, "x")
+    await wait_until(lambda: "x" in engine.running)
+    engine.step(2)
+    await m.pause("meow", "keep", None)
+    await wait_until(lambda: not engine.running)
+    held = run(engine, "y")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
+    await engine.abort(["x", "y"])  # what vLLM's route does
+    assert (await asyncio.wait_for(between, 1))[-1].outputs[0].finish_reason == "abort"
+    assert (await asyncio.wait_for(held, 1))[-1].outputs[0].finish_reason == "abort"
+    m.resume("meow")
+    assert flights(m) == 0
+
+
+async def test_continuations_keep_the_callers_request_id(tmp_path):
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 10})
+    task = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(4)
+    await m.pause("meow", "keep", None)
+    m.resume("meow")
+    await wait_until(lambda: "r1" in engine.running)
+    assert engine.running == {"r1"}
+    engine.step(10)
+    out = (await task)[-1].outputs[0]
+    assert out.token_ids == [token_at(p) for p in range(10)] and out.finish_reason == "stop"
+
+
+async def test_requests_that_bypass_generate_are_refused(tmp_path):
+    m, engine = await make(tmp_path)
+    version = m.registry.get("meow").current_version
+    own = LoRARequest(version.internal_name, version.lora_int_id, version.load_path)
+    with pytest.raises(GracefulHTTPError) as err:
+        await engine.add_request("e1", TokensPrompt(prompt_token_ids=[1]), params(), None, own)
+    assert err.value.http_status == 400
+    assert not engine.output_processor.request_states
+
+
+async def test_a_retired_version_named_exactly_never_reaches_the_engine(tmp_path):
+    m, engine = await make(tmp_path)  # keep_versions=1
+    stale = LoRARequest("meow@1", m.registry.get("meow").current_version.lora_int_id, "/s")
+    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+    await wait_until(lambda: 1 not in m.registry.get("meow").versions)
+    for req in (stale, LoRARequest("meow@7", 5, "/x")):
+        with pytest.raises(GracefulHTTPError) as err:
+            await drain(engine.generate("p", params(), "r", lora_request=req))
+        assert err.value.http_status == 404
+    assert engine.seen_loras == []
+
+
+async def test_an_unloaded_name_is_404_even_with_its_old_request(tmp_path):
+    m, engine = await make(tmp_path)
+    version = m.registry.get("meow").current_version
+    old = LoRARequest("meow", version.lora_int_id, version.path)  # resolved before unload
+    await m.unload("meow", None)
+    with pytest.raises(GracefulHTTPError) as err:
+        await drain(engine.generate("p", params(), "r", lora_request=old))
+    assert err.value.http_status == 404 and engine.seen_loras == []
+
+
+# ---- swaps -----------------------------------------------------------------------------
 async def start_long(engine, rid: str, kind=RequestOutputKind.DELTA) -> asyncio.Task:
-    task = asyncio.create_task(drain(engine.generate("p", params(kind), rid, lora_request=meow())))
+    task = run(engine, rid, kind=kind)
     await wait_until(lambda: rid in engine.running)
     await asyncio.sleep(0.05)  # some tokens on the old version
     return task
@@ -157,17 +360,14 @@ async def start_long(engine, rid: str, kind=RequestOutputKind.DELTA) -> asyncio.
 @pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE])
 async def test_load_with_continue_moves_in_flight_requests_to_the_new_version(tmp_path, kind):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 40, "step_s": 0.005})
-    task = await start_long(engine, "r1", kind)
-    await m.load("meow", str(write_adapter(tmp_path / "meow2")), interrupt="continue")
-    outs = await asyncio.wait_for(task, 5)
-    if kind == RequestOutputKind.DELTA:
-        tokens = [t for o in outs for t in o.outputs[0].token_ids]
-    else:
-        tokens = list(outs[-1].outputs[0].token_ids)
-    assert tokens == list(range(100, 140))  # nothing lost, nothing repeated
-    assert outs[-1].outputs[0].finish_reason == "length"
+    with attribution.recording() as book:
+        task = await start_long(engine, "r1", kind)
+        await m.load("meow", str(write_adapter(tmp_path / "meow2")), interrupt="continue")
+        outs = await asyncio.wait_for(task, 5)
+    assert tokens_of(outs, kind) == [token_at(p) for p in range(40)]  # none lost or repeated
+    assert outs[-1].outputs[0].finish_reason == "stop"
     assert engine.seen_loras == ["meow@1", "meow@2"]
-    spans = m.spans.choices("r1")
+    spans = book.choices("r1")
     assert [s.version for s in spans[0]] == [1, 2]
     assert spans[0][0].start == 0 and spans[0][-1].end == 40
     assert spans[0][0].end == spans[0][1].start
@@ -184,12 +384,75 @@ async def test_load_with_abort_ends_in_flight_requests_partial(tmp_path):
 
 async def test_default_load_lets_in_flight_requests_finish_on_their_version(tmp_path):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 40, "step_s": 0.005})
-    task = await start_long(engine, "r1")
-    await m.load("meow", str(write_adapter(tmp_path / "meow2")))
-    outs = await asyncio.wait_for(task, 5)
-    assert outs[-1].outputs[0].finish_reason == "length"
+    with attribution.recording() as book:
+        task = await start_long(engine, "r1")
+        await m.load("meow", str(write_adapter(tmp_path / "meow2")))
+        outs = await asyncio.wait_for(task, 5)
+    assert outs[-1].outputs[0].finish_reason == "stop"
     assert engine.seen_loras == ["meow@1"] and engine.aborted == []
-    assert [s.version for s in m.spans.choices("r1")[0]] == [1]
+    assert [s.version for s in book.choices("r1")[0]] == [1]
+
+
+async def test_pause_abort_racing_a_continue_swap_ends_the_request(tmp_path):
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 100})
+    task = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(3)
+    real_add = engine.add_lora
+    gate = asyncio.Event()
+
+    async def slow_add(req) -> bool:
+        await gate.wait()
+        return await real_add(req)
+
+    engine.add_lora = slow_add
+    load = asyncio.create_task(
+        m.load("meow", str(write_adapter(tmp_path / "m2")), interrupt="continue")
+    )
+    await asyncio.sleep(0.01)
+    await m.pause("meow", "abort", None)
+    gate.set()
+    await load
+    m.resume("meow")
+    out = (await asyncio.wait_for(task, 1))[-1].outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) == 3
+
+
+async def test_interrupting_load_with_an_exact_request_admitted_meanwhile_succeeds(tmp_path):
+    """A request naming the old version arrives while the load interrupts: the load
+    answers (no 500), the old version stays until that request ends, then leaves."""
+    m, engine = await make(
+        tmp_path, keep_versions=1, engine={"manual": True, "tokens_per_request": 100}
+    )
+    old = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
+    v1 = m.registry.get("meow").current_version
+    real_abort = engine.abort
+    exact: list[asyncio.Task] = []
+
+    async def abort(ids, internal=False):
+        # While the swap's interrupt is on its way, a request for meow@1 is admitted.
+        exact.append(
+            asyncio.create_task(
+                drain(
+                    engine.generate(
+                        "p", params(), "r2", lora_request=LoRARequest("meow@1", 1, "/x")
+                    )
+                )
+            )
+        )
+        await wait_until(lambda: "r2" in engine.running)
+        await real_abort(ids, internal)
+
+    m.gate._abort = abort
+    loaded = await m.load("meow", str(write_adapter(tmp_path / "m2")), interrupt="abort")
+    assert loaded.version.number == 2 and loaded.interrupted == 1
+    assert (await old)[-1].outputs[0].finish_reason == "abort"
+    assert 1 in m.registry.get("meow").versions and v1.refcount == 1
+    engine.step(100)
+    assert (await exact[0])[-1].outputs[0].finish_reason == "stop"
+    await wait_until(lambda: v1.lora_int_id in engine.removed)
+    assert sorted(m.registry.get("meow").versions) == [2]
 
 
 async def test_staged_copy_outlives_the_source_and_leaves_with_the_version(tmp_path):
@@ -216,7 +479,6 @@ async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
     await wait_until(lambda: sorted(m.registry.get("meow").versions) == [1, 3])
     await m.pin("meow", 1, False)
     await wait_until(lambda: sorted(m.registry.get("meow").versions) == [3])
-    await m.shutdown()
 
 
 async def test_failed_load_keeps_previous_version_and_cleans_engine(tmp_path):
@@ -229,22 +491,18 @@ async def test_failed_load_keeps_previous_version_and_cleans_engine(tmp_path):
     assert engine.loaded == before
 
 
-async def test_swap_retires_old_version_after_its_last_request(tmp_path):
+async def test_swap_evicts_old_version_after_its_last_request(tmp_path):
     m, engine = await make(tmp_path, engine={"tokens_per_request": 20, "step_s": 0.01})
     old_id = m.registry.get("meow").current_version.lora_int_id
-    task = asyncio.create_task(drain(engine.generate("p", params(), "r1", lora_request=meow())))
-    await asyncio.sleep(0.03)
+    task = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
     await m.load("meow", str(write_adapter(tmp_path / "meow2")))
     await asyncio.sleep(0)
     assert old_id not in engine.removed  # still in use
     await task
-    for _ in range(50):
-        if old_id in engine.removed:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: old_id in engine.removed)
     assert engine.removed == [old_id]
     assert list(m.registry.get("meow").versions) == [2]
-    await m.shutdown()
 
 
 async def test_keep_pause_without_resume_ends_partial_and_releases(tmp_path):
@@ -255,34 +513,58 @@ async def test_keep_pause_without_resume_ends_partial_and_releases(tmp_path):
     await m.pause("meow", "keep", None)
     out = (await asyncio.wait_for(task, 5))[-1].outputs[0]
     assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 400
-    assert m.registry.in_flight("meow") == 0
-    assert m.registry.get("meow").current_version.refcount == 0
+    assert flights(m) == 0 and refcounts(m) == [0]
 
 
-async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
-    m, _ = await make(tmp_path, stable_wait_s=10)
-    root = tmp_path / "bc"
-    src = write_adapter(tmp_path / "src")
-    step = root / "step_1"
-    step.mkdir(parents=True)
-    for f in src.iterdir():  # the files are there, the sentinel is not
-        shutil.copyfile(f, step / f.name)
-    load = asyncio.create_task(m.load("meow", str(step)))
-    await wait_until(lambda: list((step / ".leases").glob("*")))  # waiting, leased
-    assert not load.done() and m.registry.get("meow").current == 1
-    # The publisher finishes: manifest, then the sentinel, as publish() does.
-    manifest = broadcast._manifest_of(step, 1)
+async def test_server_side_continuation_derives_a_new_seed(tmp_path):
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 10})
+    seeds: list[int | None] = []
+    real = engine.input_processor.process_inputs_async
+
+    async def spy(request_id, prompt, p, *a, **kw):
+        seeds.append(p.seed)
+        return await real(request_id, prompt, p, *a, **kw)
+
+    engine.input_processor.process_inputs_async = spy
+    task = run(engine, "r1", seed=7)
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(3)
+    await m.pause("meow", "keep", None)
+    m.resume("meow")
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(10)
+    await task
+    assert seeds[0] == 7 and seeds[1] is not None and seeds[1] != 7
+
+
+# ---- broadcast and watcher -----------------------------------------------------------
+def seal(step: Path, number: int) -> None:
+    """The publisher finishes: manifest, then the sentinel, as publish() does."""
+    manifest = broadcast._manifest_of(step, number)
     (step / broadcast.MANIFEST).write_text(json.dumps(manifest))
     digest = broadcast.sha256_of(step / broadcast.MANIFEST)
     broadcast._write_atomic(
         step / broadcast.STABLE,
         json.dumps({"manifest": "manifest.json", "sha256": digest}).encode(),
     )
+
+
+async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
+    m, _ = await make(tmp_path, stable_wait_s=10)
+    src = write_adapter(tmp_path / "src")
+    step = tmp_path / "bc" / "step_1"
+    step.mkdir(parents=True)
+    for f in src.iterdir():  # the files are there, the sentinel is not
+        shutil.copyfile(f, step / f.name)
+    load = asyncio.create_task(m.load("meow", str(step)))
+    await wait_until(lambda: list((step / ".leases").glob("*")))  # waiting, leased
+    assert not load.done() and m.registry.get("meow").current == 1
+    seal(step, 1)
     loaded = await asyncio.wait_for(load, 5)
     assert loaded.version.number == 2
     (lease,) = (step / ".leases").iterdir()
     await m.load("meow", str(write_adapter(tmp_path / "meow3")))  # keep_versions=1
-    await wait_until(lambda: not lease.exists())  # retired: lease released
+    await wait_until(lambda: not lease.exists())  # evicted: lease released
 
 
 async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path):
@@ -296,20 +578,36 @@ async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path
     assert not list((step / ".leases").glob("*"))
 
 
+async def test_corrupt_broadcast_step_is_422_at_once(tmp_path):
+    m, _ = await make(tmp_path, stable_wait_s=30)
+    published = broadcast.publish(write_adapter(tmp_path / "src"), tmp_path / "bc", 3)
+    weights = published.path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(broadcast.CorruptStepError) as err:
+        await m.load("meow", str(published.path))
+    assert err.value.status == 422
+    assert loop.time() - started < 5  # not retried for stable_wait_s under the lock
+    assert m.registry.get("meow").current == 1
+
+
 async def test_watcher_swaps_in_each_new_stable_step(tmp_path):
     root = tmp_path / "bc"
     m, _ = await make(tmp_path, watch={"meow": root}, watch_interval_s=0.01)
     m.start_watchers()
-    src = write_adapter(tmp_path / "src")
-    broadcast.publish(src, root, 7)
+    broadcast.publish(write_adapter(tmp_path / "src"), root, 7)
     await wait_until(lambda: m.registry.get("meow").current_version.path == str(root / "step_7"))
     (root / "step_8").mkdir()  # an incomplete step is skipped until it is stable
     broadcast.publish(write_adapter(tmp_path / "src9"), root, 9)
     await wait_until(lambda: m.registry.get("meow").current_version.path == str(root / "step_9"))
     await m.shutdown()
-    assert all(t.done() for t in m._tasks) or not m._tasks
+    assert not m.watcher._tasks
 
 
+# ---- loads: cleanup and concurrency ----------------------------------------------------
 async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
     m, engine = await make(tmp_path)
     stage = Path(m.registry.get("meow").current_version.load_path).parent
@@ -332,8 +630,8 @@ async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
     load.cancel()
     with pytest.raises(asyncio.CancelledError):
         await load
-    assert sorted(p.name for p in stage.iterdir()) == [
-        str(m.registry.get("meow").current_version.lora_int_id)
+    assert [p.name for p in stage.iterdir()] == [
+        Path(m.registry.get("meow").current_version.load_path).name
     ]
     assert m.registry.get("meow").current == 1
 
@@ -364,3 +662,43 @@ async def test_loads_of_one_name_serialize_and_of_two_names_do_not(tmp_path):
     gate.set()
     assert [(await t).version.number for t in (first, second)] == [2, 3]
     assert most == 1  # never two loads of meow in the engine at once
+
+
+# ---- bounded state -------------------------------------------------------------------
+async def test_operations_on_unknown_names_leave_nothing_behind(tmp_path):
+    m, _ = await make(tmp_path)
+    before = m.sizes()
+    for i in range(50):
+        with pytest.raises(Exception, match="unknown adapter"):
+            await m.unload(f"ghost-{i}", None)
+        with pytest.raises(Exception, match="unknown adapter"):
+            await m.pin(f"ghost-{i}", 1, True)
+        with pytest.raises(InvalidAdapterError):
+            await m.load(f"ghost-{i}", str(tmp_path / "missing"))
+    assert m.sizes() == before
+
+
+async def test_names_that_come_and_go_leave_bounded_state(tmp_path):
+    """Many distinct names loaded, used and unloaded: registry, gate, locks, staging,
+    published names and metric series all return to where they were."""
+    m, engine = await make(tmp_path, engine={"tokens_per_request": 2, "step_s": 0})
+    src = str(write_adapter(tmp_path / "src"))
+    before = m.sizes()
+    for i in range(300):
+        name = f"tenant-{i}"
+        await m.load(name, src)
+        await drain(engine.generate("p", params(), f"r{i}", lora_request=lora(name)))
+        await m.unload(name, None)
+    await wait_until(lambda: not m._removals)
+    after = m.sizes()
+    assert after["tombstones"] == 300
+    assert {k: v for k, v in after.items() if k != "tombstones"} == {
+        k: v for k, v in before.items() if k != "tombstones"
+    }
+    series = {
+        s.labels.get("lora_name")
+        for metric in (metrics.SWAPS, metrics.INTERRUPTED, metrics.CONTINUED)
+        for fam in metric.collect()
+        for s in fam.samples
+    }
+    assert not any(name and name.startswith("tenant-") for name in series)

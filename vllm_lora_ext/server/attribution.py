@@ -1,8 +1,9 @@
 """Which adapter version produced which tokens, reported in the OpenAI responses.
 
 An RL trainer needs this for off-policy correction when a continuation spans a swap.
-The manager records, per engine request, the spans of each sample (:class:`SpanBook`);
-:class:`AttributionMiddleware` adds them to vLLM's own completion/chat responses:
+The gate records, per engine request, the spans of each sample in the book of the HTTP
+request being served (:class:`SpanBook`, one per request, found through a context
+variable); :class:`AttributionMiddleware` adds them to vLLM's own responses:
 
 - every choice gets ``lora_versions: [{"version", "start", "end"}]`` (token offsets into
   that choice's completion; in a stream, on the chunk that carries its finish reason);
@@ -14,9 +15,10 @@ Requests on the base model or on adapters we do not manage are left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,37 +33,25 @@ ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 @dataclass
 class _Record:
     admitted: int
-    samples: Sequence[Sample] | None  # live while the request runs
-    spans: list[list[Span]] | None = None  # frozen copy once it ended
+    samples: Sequence[Sample]
 
     def per_sample(self) -> list[list[Span]]:
-        if self.spans is not None:
-            return self.spans
-        return [list(s.spans) for s in self.samples or ()]
+        return [list(s.spans) for s in self.samples]
 
 
 class SpanBook:
-    """Engine request id -> per-sample spans; bounded (oldest dropped first) so records
-    nobody reads (non-HTTP callers, dropped connections) cannot grow without end."""
+    """The spans of the engine requests one HTTP request made (engine request id ->
+    per-sample spans). One book per HTTP request, so ids repeated across requests (a
+    shared ``X-Request-Id``) never mix, and a book ends with its request."""
 
-    def __init__(self, capacity: int = 16384) -> None:
-        self.capacity = capacity
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+    def __init__(self) -> None:
+        self._records: dict[str, _Record] = {}
 
     def __len__(self) -> int:
         return len(self._records)
 
     def track(self, request_id: str, samples: Sequence[Sample], admitted: int) -> None:
-        self._records[request_id] = _Record(admitted, samples)
-        while len(self._records) > self.capacity:
-            self._records.popitem(last=False)
-
-    def finish(self, request_id: str) -> None:
-        """Keep only the spans (not the tokens) of a request that ended."""
-        record = self._records.get(request_id)
-        if record is not None and record.spans is None:
-            record.spans = record.per_sample()
-            record.samples = None
+        self._records.setdefault(request_id, _Record(admitted, samples))
 
     def _ids(self, response_id: str) -> list[str]:
         # Chat uses the response id itself; completions run one engine request per
@@ -85,9 +75,25 @@ class SpanBook:
             return None
         return [spans for rid in ids for spans in self._records[rid].per_sample()]
 
-    def forget(self, response_id: str) -> None:
-        for rid in self._ids(response_id):
-            self._records.pop(rid, None)
+
+_BOOK: ContextVar[SpanBook | None] = ContextVar("lora_ext_span_book", default=None)
+
+
+def current_book() -> SpanBook | None:
+    """The book of the HTTP request being served, if its route is annotated."""
+    return _BOOK.get()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[SpanBook]:
+    """Record the spans of the engine requests made inside this block (one HTTP
+    request) in a new book."""
+    book = SpanBook()
+    token = _BOOK.set(book)
+    try:
+        yield book
+    finally:
+        _BOOK.reset(token)
 
 
 def spans_json(spans: list[Span]) -> list[dict[str, int]]:
@@ -139,8 +145,7 @@ class AttributionMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        book = self._book(scope)
-        if book is None:
+        if not _annotated(scope):
             await self.app(scope, receive, send)
             return
         start: Message | None = None
@@ -198,8 +203,6 @@ class AttributionMiddleware:
                         response_id = response_id or body.get("id")
                         if annotate(body, book, final=False) is not None:
                             text = "data: " + json.dumps(body, separators=(",", ":"))
-                elif text == "data: [DONE]" and response_id:
-                    book.forget(response_id)
                 out_events.append(text.encode("utf-8") + b"\n\n")
             more = message.get("more_body", False)
             if not more and sse_tail:
@@ -218,17 +221,16 @@ class AttributionMiddleware:
                     {"type": "http.response.body", "body": b"".join(out_events), "more_body": more}
                 )
 
-        await self.app(scope, receive, wrapped)
+        with recording() as book:
+            await self.app(scope, receive, wrapped)
 
-    @staticmethod
-    def _book(scope: Scope) -> SpanBook | None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return None
-        if scope.get("path") not in ATTRIBUTED_PATHS:
-            return None
-        app = scope.get("app")
-        manager = getattr(getattr(app, "state", None), "lora_ext", None)
-        return getattr(manager, "spans", None)
+
+def _annotated(scope: Scope) -> bool:
+    return (
+        scope["type"] == "http"
+        and scope.get("method") == "POST"
+        and scope.get("path") in ATTRIBUTED_PATHS
+    )
 
 
 def _annotate_json(raw: bytes, book: SpanBook) -> tuple[bytes, int | None]:
@@ -241,5 +243,4 @@ def _annotate_json(raw: bytes, book: SpanBook) -> tuple[bytes, int | None]:
     version = annotate(body, book, final=True)
     if version is None:
         return raw, None
-    book.forget(body["id"])
     return json.dumps(body, separators=(",", ":")).encode("utf-8"), version

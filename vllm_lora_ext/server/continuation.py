@@ -8,6 +8,7 @@ response whose tokens, text and logprobs are the concatenation, in whatever
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -106,6 +107,7 @@ class Stitcher:
         cont.min_tokens = max(0, (self.min_tokens or 0) - len(self.samples[index].token_ids))
         cont.prompt_logprobs = None
         cont.truncate_prompt_tokens = None
+        cont.seed = continuation_seed(params.seed, index, len(self.samples[index].token_ids))
         return cont
 
     # ---- absorbing engine outputs --------------------------------------------------
@@ -217,3 +219,12 @@ class Stitcher:
             finished=self.done,
             num_cached_tokens=self.num_cached_tokens,
         )
+
+
+def continuation_seed(seed: int | None, index: int, made: int) -> int | None:
+    """A continuation must not replay its parent's random stream from the start: derive
+    a new seed from the parent's, the sample and how far it got (a seeded run stays
+    reproducible)."""
+    if seed is None:
+        return None
+    return zlib.crc32(f"{seed}:{index}:{made}".encode()) & 0x7FFFFFFF

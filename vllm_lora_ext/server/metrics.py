@@ -7,6 +7,7 @@ scrape time by :class:`StateCollector`, so it can never drift from the truth.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator
 from typing import Protocol
@@ -14,6 +15,11 @@ from typing import Protocol
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from vllm_lora_ext import broadcast
+from vllm_lora_ext.errors import LoraExtError
+
+UNKNOWN = "<unknown>"  # the label of refused loads of names we do not serve
 
 SWAPS = Counter(
     "lora_ext_swaps",
@@ -37,6 +43,37 @@ CONTINUED = Counter(
     "Requests continued server-side after an interruption (one per continuation).",
     ["lora_name"],
 )
+
+
+def count_swap(name: str | None, error: BaseException | None, latency_ms: float = 0.0) -> None:
+    """One load's outcome (``name`` None: a name we do not serve, so bad input cannot
+    mint series)."""
+    if error is None:
+        SWAPS.labels(name, "ok").inc()
+        SWAP_LATENCY.labels(name).observe(latency_ms / 1000)
+        return
+    if isinstance(error, broadcast.NotReadyError):
+        outcome = "not_ready"
+    elif isinstance(error, broadcast.CorruptStepError):
+        outcome = "corrupt"
+    elif isinstance(error, LoraExtError):
+        outcome = "refused"
+    else:
+        outcome = "error"
+    SWAPS.labels(name or UNKNOWN, outcome).inc()
+
+
+def forget(name: str) -> None:
+    """Drop the series of a name that is gone (names come and go; series must not)."""
+    for metric, label_sets in (
+        (SWAPS, [(name, o) for o in ("ok", "refused", "not_ready", "corrupt", "error")]),
+        (SWAP_LATENCY, [(name,)]),
+        (INTERRUPTED, [(name, "abort"), (name, "continue")]),
+        (CONTINUED, [(name,)]),
+    ):
+        for labels in label_sets:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
 
 
 class _HasSnapshot(Protocol):

@@ -1,18 +1,32 @@
-"""Adapter bookkeeping: names, versions, leases (refcounts), pause state, retention.
+"""Adapter bookkeeping: names, versions, leases (refcounts), held requests, pause state,
+retention. Pure and synchronous, so every rule here is unit-testable without an engine;
+the gate and the manager call into it and perform the engine I/O it asks for.
 
-Pure and synchronous so that every rule here is unit-testable without an engine. The
-async layer (``manager.py``) calls into it and performs the engine I/O it asks for.
+One word per meaning:
 
-A stable name (``meow``) always means its newest committed version. Each version has its
-own vLLM ``lora_int_id`` and its own internal ``lora_name`` (``meow@3``): vLLM compares
-``LoRARequest`` objects and keys prefix-cache blocks by name, so per-version names keep
-old and new weights apart. Every admitted request holds a :class:`Flight` (a lease on one
-version) until it is released, exactly once, on whatever path the request ends.
+- a **version** is one load of a name: its own vLLM ``lora_int_id`` and its own internal
+  ``lora_name`` (``meow@3``); vLLM compares ``LoRARequest`` objects and keys prefix-cache
+  blocks by name, so per-version names keep old and new weights apart. A stable name
+  (``meow``) means its newest committed version;
+- a **flight** is one admitted request's lease on a version, released exactly once on
+  whatever path the request ends; a flight is **exact** when the request named its
+  version (``model=meow@3``): it is never moved to another version;
+- a **waiter** is a request held, not yet admitted, while its adapter is paused;
+- an **unloaded** version serves nobody new and leaves the engine once idle; a
+  **pinned** version is kept resident by retention until unpinned;
+- **evictable** versions are idle and may leave the engine now: unloaded ones, and
+  unpinned ones outside the newest ``keep_versions``; never the current one.
+
+A name that was unloaded is forgotten once its last version left and nobody waits on it;
+its last version number is remembered (for the newest :data:`TOMBSTONES` such names) so a
+reloaded name continues its numbering.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,9 +35,10 @@ from vllm_lora_ext.errors import LoraExtError, UnknownAdapterError
 Interrupt = Literal["abort", "continue"]
 PauseMode = Literal["abort", "keep", "wait"]
 VERSION_SEP = "@"
+TOMBSTONES = 1024
 
 
-@dataclass
+@dataclass(eq=False)
 class Version:
     name: str
     number: int
@@ -32,7 +47,7 @@ class Version:
     load_path: str = ""  # what the engine loads (a staged copy, or ``path``)
     refcount: int = 0
     pinned: bool = False
-    retired: bool = False  # unloaded: leaves the engine once idle, serves nobody new
+    unloaded: bool = False
     add_lora_ms: float = 0.0  # the engine's own load time (the floor of a swap)
 
     def __post_init__(self) -> None:
@@ -43,29 +58,36 @@ class Version:
         return f"{self.name}{VERSION_SEP}{self.number}"
 
 
-@dataclass
-class Flight:
-    """One admitted request's lease on a version; ``interrupt`` says how a pause ends it."""
-
+@dataclass(eq=False)
+class Waiter:
+    key: int
+    name: str
     request_id: str
+    aborted: bool = False
+
+
+@dataclass(eq=False)
+class Flight:
+    key: int
+    request_id: str  # the caller's (external) id; several requests may share one
     name: str
     version: Version
-    interrupt: Interrupt | None = None
+    exact: bool = False
+    interrupt: Interrupt | None = None  # how a pause, abort or swap ends it
     released: bool = False
-    pinned: bool = False  # asked for this version by number: never moved to another
-    segments: list[str] = field(default_factory=list)  # engine request ids running now
+    segments: set[str] = field(default_factory=set)  # internal engine ids running now
 
 
-@dataclass
+@dataclass(eq=False)
 class Adapter:
     name: str
     versions: dict[int, Version] = field(default_factory=dict)
     current: int | None = None
     paused: bool = False
     pause_mode: PauseMode | None = None
-    flights: dict[str, Flight] = field(default_factory=dict)
-    held: int = 0
-    last_number: int = 0  # version numbers are never reused, even after an unload
+    flights: dict[int, Flight] = field(default_factory=dict)
+    waiters: dict[int, Waiter] = field(default_factory=dict)
+    last_number: int = 0
 
     @property
     def current_version(self) -> Version:
@@ -74,12 +96,17 @@ class Adapter:
         return self.versions[self.current]
 
 
-def split_pinned(model: str) -> tuple[str, int | None]:
+def split_version(model: str) -> tuple[str, int | None]:
     """``meow@3`` -> (``meow``, 3); ``meow`` -> (``meow``, None)."""
     name, sep, num = model.rpartition(VERSION_SEP)
     if sep and name and num.isdigit():
         return name, int(num)
     return model, None
+
+
+def check_name(name: str) -> None:
+    if not name or VERSION_SEP in name:
+        raise LoraExtError(f"invalid adapter name '{name}': empty or contains '{VERSION_SEP}'")
 
 
 class Registry:
@@ -90,12 +117,19 @@ class Registry:
             raise ValueError("keep_versions must be >= 1")
         self.keep_versions = keep_versions
         self._ids = itertools.count(id_base)
+        self._keys = itertools.count(1)
         self._adapters: dict[str, Adapter] = {}
+        self._tombstones: OrderedDict[str, int] = OrderedDict()
 
     # ---- lookup -------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
+        """Served: the name resolves to a version."""
         adapter = self._adapters.get(name)
         return adapter is not None and adapter.current is not None
+
+    def known(self, name: str) -> bool:
+        """Served, or unloaded with versions still draining."""
+        return name in self._adapters
 
     def names(self) -> list[str]:
         return [name for name in self._adapters if name in self]
@@ -105,82 +139,106 @@ class Registry:
             raise UnknownAdapterError(f"unknown adapter '{name}'")
         return self._adapters[name]
 
-    def owner_of(self, internal_name: str) -> str | None:
-        """The stable name an engine-side ``lora_name`` belongs to, if ours."""
-        name, number = split_pinned(internal_name)
-        adapter = self._adapters.get(name)
-        if adapter is None or (number is not None and number not in adapter.versions):
-            return None
-        return name
+    def entry(self, name: str) -> Adapter | None:
+        return self._adapters.get(name)
+
+    def adapters(self) -> list[Adapter]:
+        return list(self._adapters.values())
+
+    def resident(self, name: str, number: int) -> Version:
+        version = self.get(name).versions.get(number)
+        if version is None or version.unloaded:
+            raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
+        return version
+
+    def sizes(self) -> dict[str, int]:
+        """How much state is held (for boundedness checks)."""
+        return {
+            "adapters": len(self._adapters),
+            "versions": sum(len(a.versions) for a in self._adapters.values()),
+            "flights": sum(len(a.flights) for a in self._adapters.values()),
+            "waiters": sum(len(a.waiters) for a in self._adapters.values()),
+            "tombstones": len(self._tombstones),
+        }
 
     # ---- versions -----------------------------------------------------------------
-    def new_version(self, name: str, path: str) -> Version:
-        """Allocate the next version of ``name``; it serves nobody until :meth:`commit`."""
-        if not name or VERSION_SEP in name:
-            raise LoraExtError(f"invalid adapter name '{name}': empty or contains '{VERSION_SEP}'")
-        adapter = self._adapters.setdefault(name, Adapter(name))
-        adapter.last_number += 1
-        return Version(
-            name=name, number=adapter.last_number, lora_int_id=next(self._ids), path=path
-        )
+    def last_number(self, name: str) -> int:
+        adapter = self._adapters.get(name)
+        return adapter.last_number if adapter else self._tombstones.get(name, 0)
 
-    def commit(self, version: Version) -> list[Version]:
-        """Make ``version`` current; returns versions that are now retirable."""
-        adapter = self._adapters.setdefault(version.name, Adapter(version.name))
+    def new_version(self, name: str, path: str, number: int | None = None) -> Version:
+        """The next version of ``name`` (or version ``number``, which must be newer than
+        every earlier one); it serves nobody and holds no state until :meth:`commit`."""
+        check_name(name)
+        last = self.last_number(name)
+        if number is None:
+            number = last + 1
+        elif number <= last:
+            raise LoraExtError(
+                f"version {number} of '{name}' is not newer than its version {last}", status=409
+            )
+        return Version(name=name, number=number, lora_int_id=next(self._ids), path=path)
+
+    def commit(self, version: Version) -> None:
+        """Make ``version`` current (new requests get it at once)."""
+        adapter = self._adapters.get(version.name)
+        if adapter is None:
+            adapter = self._adapters[version.name] = Adapter(version.name)
+            self._tombstones.pop(version.name, None)
         adapter.versions[version.number] = version
         adapter.current = version.number
-        return self.retirable(version.name)
+        adapter.last_number = max(adapter.last_number, version.number)
 
-    def retirable(self, name: str) -> list[Version]:
-        """Idle versions that were unloaded, or are unpinned and outside the newest
-        ``keep_versions``; never the current one."""
+    def evictable(self, name: str) -> list[Version]:
         adapter = self._adapters.get(name)
         if adapter is None:
             return []
-        live = [n for n, v in adapter.versions.items() if not v.retired]
+        live = [n for n, v in adapter.versions.items() if not v.unloaded]
         newest = sorted(live, reverse=True)[: self.keep_versions]
         return [
             v
             for n, v in sorted(adapter.versions.items())
             if n != adapter.current
             and v.refcount == 0
-            and (v.retired or (n not in newest and not v.pinned))
+            and (v.unloaded or (n not in newest and not v.pinned))
         ]
 
-    def resident(self, name: str, number: int) -> Version:
-        adapter = self.get(name)
-        version = adapter.versions.get(number)
-        if version is None or version.retired:
-            raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
+    def drop(self, version: Version) -> None:
+        """Forget a version that leaves the engine (only an idle one)."""
+        if version.refcount:
+            raise RuntimeError(f"{version.internal_name} still has {version.refcount} users")
+        adapter = self._adapters[version.name]
+        if adapter.versions.get(version.number) is version:
+            del adapter.versions[version.number]
+
+    def tidy(self, name: str) -> bool:
+        """Forget an unloaded name nothing refers to any more; True if it was forgotten."""
+        adapter = self._adapters.get(name)
+        if adapter is None or adapter.current is not None:
+            return False
+        if adapter.versions or adapter.flights or adapter.waiters:
+            return False
+        del self._adapters[name]
+        self._tombstones[name] = adapter.last_number
+        while len(self._tombstones) > TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        return True
+
+    def pin(self, name: str, number: int, pinned: bool) -> Version:
+        version = self.resident(name, number)
+        version.pinned = pinned
         return version
 
-    def pin(self, name: str, number: int, pinned: bool) -> list[Version]:
-        """Keep a version resident whatever the window (or let it go again)."""
-        self.resident(name, number).pinned = pinned
-        return self.retirable(name)
-
-    def interrupt_older(self, name: str, interrupt: Interrupt) -> list[Flight]:
-        """Mark the flights still on an older version (not pinned to it) for a swap's
-        ``abort``/``continue``; returns them."""
-        adapter = self.get(name)
-        marked = [
-            f
-            for f in adapter.flights.values()
-            if f.version.number != adapter.current and not f.pinned
-        ]
-        for f in marked:
-            f.interrupt = interrupt
-        return marked
-
-    def retire(self, name: str, number: int | None = None) -> list[Version]:
-        """Unload a name (all versions) or one non-current version; each leaves once
-        idle. Returns what is retirable now."""
+    def unload(self, name: str, number: int | None = None) -> list[Version]:
+        """Unload a name (every version; it stops resolving at once, its pause ends) or
+        one non-current version. Returns the versions marked."""
         adapter = self.get(name)
         if number is None:
-            adapter.current = None  # the name stops resolving at once
-            for v in adapter.versions.values():
-                v.retired = True
-        elif number not in adapter.versions:
+            adapter.current = None
+            adapter.paused = False
+            adapter.pause_mode = None
+            marked = list(adapter.versions.values())
+        elif number not in adapter.versions or adapter.versions[number].unloaded:
             raise UnknownAdapterError(f"adapter '{name}' has no resident version {number}")
         elif number == adapter.current:
             raise LoraExtError(
@@ -189,73 +247,100 @@ class Registry:
                 status=409,
             )
         else:
-            adapter.versions[number].retired = True
-        return self.retirable(name)
-
-    def drop(self, version: Version) -> None:
-        """Forget a version the engine no longer holds (after ``remove_lora``)."""
-        if version.refcount:
-            raise RuntimeError(f"{version.internal_name} still has {version.refcount} users")
-        adapter = self._adapters[version.name]
-        adapter.versions.pop(version.number, None)
+            marked = [adapter.versions[number]]
+        for v in marked:
+            v.unloaded = True
+        return sorted(marked, key=lambda v: v.number)
 
     # ---- leases -------------------------------------------------------------------
     def admit(self, name: str, request_id: str, number: int | None = None) -> Flight:
-        """Lease the current (or the pinned) version of ``name`` for one request."""
+        """Lease the current (or the named) version of ``name`` for one request."""
         adapter = self.get(name)
         version = adapter.current_version if number is None else self.resident(name, number)
-        if request_id in adapter.flights:
-            raise LoraExtError(f"request id '{request_id}' is already in flight")
         version.refcount += 1
         flight = Flight(
-            request_id=request_id, name=name, version=version, pinned=number is not None
+            key=next(self._keys),
+            request_id=request_id,
+            name=name,
+            version=version,
+            exact=number is not None,
         )
-        adapter.flights[request_id] = flight
+        adapter.flights[flight.key] = flight
         return flight
 
-    def rebind(self, flight: Flight) -> list[Version]:
-        """Move a continuing request onto the current version; returns retirable ones."""
+    def rebind(self, flight: Flight) -> None:
+        """Move a continuing request onto the current version (unless it is exact)."""
         adapter = self._adapters[flight.name]
-        old = flight.version
-        if flight.pinned or adapter.current is None:
-            return []
+        if flight.exact or adapter.current is None or flight.released:
+            return
         new = adapter.current_version
-        if new is not old:
+        if new is not flight.version:
             new.refcount += 1
-            old.refcount -= 1
+            flight.version.refcount -= 1
             flight.version = new
-        return self.retirable(flight.name)
 
-    def release(self, flight: Flight) -> list[Version]:
-        """End a lease; idempotent. Returns versions that became retirable."""
+    def release(self, flight: Flight) -> bool:
+        """End a lease; idempotent. True the first time."""
         if flight.released:
-            return []
+            return False
         flight.released = True
         flight.version.refcount -= 1
-        adapter = self._adapters[flight.name]
-        adapter.flights.pop(flight.request_id, None)
-        return self.retirable(flight.name)
+        self._adapters[flight.name].flights.pop(flight.key, None)
+        return True
 
-    # ---- pause --------------------------------------------------------------------
-    def pause(self, name: str, mode: PauseMode) -> list[Flight]:
-        """Pause ``name``; marks its flights for ``abort``/``keep`` and returns them."""
+    def hold(self, name: str, request_id: str) -> Waiter:
+        waiter = Waiter(key=next(self._keys), name=name, request_id=request_id)
+        self.get(name).waiters[waiter.key] = waiter
+        return waiter
+
+    def unhold(self, waiter: Waiter) -> None:
+        adapter = self._adapters.get(waiter.name)
+        if adapter is not None:
+            adapter.waiters.pop(waiter.key, None)
+
+    # ---- interruptions ------------------------------------------------------------
+    @staticmethod
+    def mark(flight: Flight, how: Interrupt) -> Interrupt:
+        """Say how ``flight`` ends when stopped; an ``abort`` is never downgraded to a
+        ``continue`` (a pause(abort) racing a swap(continue) ends the request)."""
+        if flight.interrupt != "abort":
+            flight.interrupt = how
+        return flight.interrupt or how
+
+    def older_flights(self, name: str) -> list[Flight]:
+        """The flights still on an older version (and not exact): what a swap's
+        ``interrupt`` stops."""
+        adapter = self.get(name)
+        return [
+            f
+            for f in adapter.flights.values()
+            if f.version.number != adapter.current and not f.exact
+        ]
+
+    def pause(self, name: str, mode: PauseMode) -> None:
         adapter = self.get(name)
         adapter.paused = True
         adapter.pause_mode = mode
-        flights = list(adapter.flights.values())
-        if mode != "wait":
-            interrupt: Interrupt = "continue" if mode == "keep" else "abort"
-            for flight in flights:
-                flight.interrupt = interrupt
-        return flights
+
+    def requests(self, name: str) -> tuple[list[Flight], list[Waiter]]:
+        """Everything of ``name`` a pause or an abort may stop: flights and held requests."""
+        adapter = self.get(name)
+        return list(adapter.flights.values()), list(adapter.waiters.values())
+
+    def by_request_ids(self, request_ids: Iterable[str]) -> tuple[list[Flight], list[Waiter]]:
+        """Flights and held requests with these external ids (any adapter)."""
+        wanted = set(request_ids)
+        flights: list[Flight] = []
+        waiters: list[Waiter] = []
+        for adapter in self._adapters.values():
+            flights += [f for f in adapter.flights.values() if f.request_id in wanted]
+            waiters += [w for w in adapter.waiters.values() if w.request_id in wanted]
+        return flights, waiters
 
     def resume(self, name: str) -> None:
         adapter = self.get(name)
         adapter.paused = False
         adapter.pause_mode = None
-
-    def in_flight(self, name: str) -> int:
-        return len(self.get(name).flights)
 
     def snapshot(self) -> list[dict]:
         out = []
@@ -268,7 +353,7 @@ class Registry:
                     "paused": a.paused,
                     "pause_mode": a.pause_mode,
                     "in_flight": len(a.flights),
-                    "held": a.held,
+                    "held": len(a.waiters),
                     "versions": [
                         {
                             "version": v.number,
@@ -277,7 +362,7 @@ class Registry:
                             "in_flight": v.refcount,
                             "path": v.path,
                             "pinned": v.pinned,
-                            "retired": v.retired,
+                            "unloaded": v.unloaded,
                         }
                         for v in sorted(a.versions.values(), key=lambda v: v.number)
                     ],

@@ -1,0 +1,426 @@
+"""The gate: the one place every request for one of our adapters passes.
+
+It hooks three methods of vLLM's ``AsyncLLM`` (on the instance, so vLLM's own code calls
+them too):
+
+- ``generate`` (every OpenAI route, beam search, token-in/token-out): resolves the
+  adapter, holds the request while its adapter is paused, leases one version for the
+  request's whole life, runs it as one or more engine **segments** (continued server-side
+  after a ``keep`` pause or a ``continue`` swap) and releases the lease on every exit
+  path;
+- ``add_request`` (where vLLM registers a request under its internal id): links each
+  segment to its internal id, stops a segment whose request was interrupted while it was
+  on its way in (input processing), and refuses a request on one of our adapters that did
+  not come through ``generate``;
+- ``abort`` (vLLM's abort routes, its disconnect handling): an abort by external or
+  internal id also ends what the engine does not hold yet, held requests and requests
+  between continuation segments.
+
+Requests are stopped by their internal engine ids (``abort(ids, internal=True)``): an
+external id is the caller's, may be shared by requests of several tenants (as in stock
+vLLM), and is never used to stop anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from vllm.exceptions import GracefulHTTPError
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+from vllm.utils.async_utils import merge_async_iterators
+
+from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.errors import AdapterBusyError, LoraExtError
+from vllm_lora_ext.server import attribution, metrics
+from vllm_lora_ext.server.continuation import Stitcher
+from vllm_lora_ext.server.registry import (
+    Adapter,
+    Flight,
+    Interrupt,
+    Registry,
+    Version,
+    Waiter,
+    split_version,
+)
+
+
+def lora_request_of(version: Version) -> LoRARequest:
+    """The engine-side request of one version: its own name and id, never shared."""
+    return LoRARequest(
+        lora_name=version.internal_name,
+        lora_int_id=version.lora_int_id,
+        lora_path=version.load_path,
+    )
+
+
+def http_error(e: LoraExtError) -> GracefulHTTPError:
+    """How vLLM's OpenAI routes answer an error raised inside ``generate``."""
+    return GracefulHTTPError(e.message, HTTPStatus(e.status))
+
+
+@dataclass(eq=False)
+class _Segment:
+    """One engine request of a flight; linked to its internal id when vLLM registers it."""
+
+    flight: Flight
+    claimed: bool = False
+    internal_id: str | None = None
+    children: list[str] = field(default_factory=list)  # n > 1: the per-sample requests
+
+
+_SEGMENT: ContextVar[_Segment | None] = ContextVar("lora_ext_segment", default=None)
+
+
+class Gate:
+    def __init__(
+        self,
+        engine: Any,
+        registry: Registry,
+        config: LoraExtConfig,
+        settle: Callable[[str], None],
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.config = config
+        self._settle = settle  # evict what became idle, forget what is gone
+        self._generate = engine.generate
+        self._add_request = engine.add_request
+        self._abort = engine.abort
+        self._by_segment: dict[str, Flight] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self.closed = False
+        self._installed = False
+
+    # ---- life cycle ---------------------------------------------------------------
+    def install(self) -> None:
+        if not self._installed:
+            self.engine.generate = self.generate
+            self.engine.add_request = self.add_request
+            self.engine.abort = self.abort
+            self._installed = True
+
+    def close(self) -> None:
+        """Wake every waiting request: held ones end with a 503, keep-stopped ones
+        partial. The hooks stay until :meth:`uninstall` (requests still finish)."""
+        self.closed = True
+        for name in list(self._events):
+            self.pulse(name)
+
+    def uninstall(self) -> None:
+        if self._installed:
+            self.engine.generate = self._generate
+            self.engine.add_request = self._add_request
+            self.engine.abort = self._abort
+            self._installed = False
+
+    def sizes(self) -> dict[str, int]:
+        return {"segments": len(self._by_segment), "events": len(self._events)}
+
+    # ---- waiting on adapter state -------------------------------------------------
+    def pulse(self, name: str) -> None:
+        """Something about ``name`` changed: its waiters re-check what they wait for."""
+        event = self._events.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+        while True:
+            event = self._events.get(name)
+            if event is None:
+                event = self._events[name] = asyncio.Event()
+            if ready():  # checked after taking the event: no wake-up can be lost
+                return
+            await event.wait()
+
+    async def drain(self, name: str, timeout_s: float) -> bool:
+        """Until no request of ``name`` is in flight; False if that took over the bound."""
+
+        def idle() -> bool:
+            adapter = self.registry.entry(name)
+            return adapter is None or not adapter.flights
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._wait(name, idle)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---- stopping requests --------------------------------------------------------
+    async def stop(
+        self,
+        flights: list[Flight],
+        how: Interrupt,
+        waiters: list[Waiter] = (),  # type: ignore[assignment]
+        sweep: Adapter | None = None,
+    ) -> int:
+        """End ``flights`` as ``how`` says (and ``waiters``, held requests, with an
+        abort): mark them, wake them, and abort their engine requests by internal id.
+        ``sweep`` also stops every engine request on that adapter's versions. Returns the
+        number of requests stopped."""
+        for f in flights:
+            metrics.INTERRUPTED.labels(f.name, self.registry.mark(f, how)).inc()
+        for w in waiters:
+            w.aborted = True
+        ids = {i for f in flights for i in f.segments}
+        if sweep is not None:
+            names = {v.internal_name for v in sweep.versions.values()}
+            states = self.engine.output_processor.request_states
+            ids |= {rid for rid, state in states.items() if state.lora_name in names}
+        for name in {f.name for f in flights} | {w.name for w in waiters}:
+            self.pulse(name)
+        if ids:
+            await self._abort(sorted(ids), internal=True)
+        return len(flights) + len(waiters)
+
+    # ---- the hooks ----------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request: LoRARequest | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        target = self._resolve(lora_request)
+        if target is None:  # base model, or an adapter we do not manage
+            async for out in self._generate(
+                prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
+            ):
+                yield out
+            return
+        flight = await self._admit(*target, request_id)
+        try:
+            async for out in self._run(flight, prompt, sampling_params, request_id, kwargs):
+                yield out
+        finally:
+            self._release(flight)
+
+    async def add_request(self, request_id: str, prompt: Any, params: Any, *args, **kwargs):
+        lora = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
+        seg = _SEGMENT.get()
+        if seg is None or seg.claimed:
+            if lora is not None and self._is_ours(lora):
+                raise http_error(
+                    LoraExtError(
+                        f"adapter '{lora.lora_name}' is served only through generation "
+                        "requests (model=<name> or <name>@<version>)",
+                        status=400,
+                    )
+                )
+            return await self._add_request(request_id, prompt, params, *args, **kwargs)
+        seg.claimed = True
+        queue = await self._add_request(request_id, prompt, params, *args, **kwargs)
+        self._link(seg, queue.request_id)
+        if seg.flight.interrupt is not None or seg.flight.released:
+            # Stopped while it was on its way in: the sweep could not see it yet.
+            await self._abort([queue.request_id, *seg.children], internal=True)
+            if seg.children:  # n > 1: children the sweep took may not have reached the core
+                await self.engine.engine_core.abort_requests_async(seg.children)
+        return queue
+
+    async def abort(self, request_id: Any, internal: bool = False) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        if internal:
+            flights = list({self._by_segment[i] for i in ids if i in self._by_segment})
+            waiters: list[Waiter] = []
+        else:
+            flights, waiters = self.registry.by_request_ids(ids)
+        for f in flights:
+            self.registry.mark(f, "abort")
+        for w in waiters:
+            w.aborted = True
+        for name in {f.name for f in flights} | {w.name for w in waiters}:
+            self.pulse(name)
+        await self._abort(ids, internal=internal)
+
+    # ---- admission ----------------------------------------------------------------
+    def _is_ours(self, lora: LoRARequest) -> bool:
+        return lora.lora_int_id >= self.config.lora_id_base or self.registry.known(
+            split_version(lora.lora_name)[0]
+        )
+
+    def _resolve(self, lora: LoRARequest | None) -> tuple[str, int | None] | None:
+        """(name, version or None) of one of our adapters; None for the base model or a
+        foreign adapter; 404 for a name or version of ours that no longer serves."""
+        if lora is None:
+            return None
+        name, number = split_version(lora.lora_name)
+        if name in self.registry:
+            return name, number
+        if self._is_ours(lora):
+            raise http_error(LoraExtError(f"adapter '{lora.lora_name}' is not served", 404))
+        return None
+
+    async def _admit(self, name: str, number: int | None, request_id: str) -> Flight:
+        try:
+            adapter = self.registry.get(name)
+            if number is not None:
+                self.registry.resident(name, number)  # fail fast, before any hold
+            waiter = await self._hold(name, request_id) if adapter.paused else None
+            flight = self.registry.admit(name, request_id, number)  # no await since the check
+        except LoraExtError as e:  # unknown, unloaded meanwhile, held too long
+            raise http_error(e) from None
+        if waiter is not None and waiter.aborted:
+            self.registry.mark(flight, "abort")  # its first segment stops once registered
+        return flight
+
+    async def _hold(self, name: str, request_id: str) -> Waiter:
+        """Hold a new request while its adapter is paused (bounded, then 503)."""
+        waiter = self.registry.hold(name, request_id)
+
+        def ready() -> bool:
+            if self.closed or waiter.aborted or name not in self.registry:
+                return True
+            return not self.registry.get(name).paused
+
+        try:
+            async with asyncio.timeout(self.config.hold_timeout_s):
+                await self._wait(name, ready)
+        except TimeoutError:
+            raise AdapterBusyError(
+                f"adapter '{name}' is paused and was not resumed within "
+                f"{self.config.hold_timeout_s}s"
+            ) from None
+        finally:
+            self.registry.unhold(waiter)
+            self._settle(name)
+        if self.closed:
+            raise AdapterBusyError("server is shutting down")
+        return waiter
+
+    def _release(self, flight: Flight) -> None:
+        if self.registry.release(flight):
+            for internal_id in flight.segments:
+                self._by_segment.pop(internal_id, None)
+            flight.segments.clear()
+            self.pulse(flight.name)
+            self._settle(flight.name)
+
+    # ---- segments -----------------------------------------------------------------
+    def _link(self, seg: _Segment, internal_id: str) -> None:
+        seg.internal_id = internal_id
+        parent = self.engine.output_processor.parent_requests.get(internal_id)
+        seg.children = sorted(parent.child_requests) if parent is not None else []
+        for rid in (internal_id, *seg.children):
+            seg.flight.segments.add(rid)
+            self._by_segment[rid] = seg.flight
+
+    def _unlink(self, seg: _Segment) -> None:
+        for rid in (seg.internal_id, *seg.children):
+            if rid is not None:
+                seg.flight.segments.discard(rid)
+                self._by_segment.pop(rid, None)
+
+    async def _segment(
+        self,
+        flight: Flight,
+        prompt: Any,
+        params: SamplingParams,
+        request_id: str,
+        kwargs: dict,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """One engine request on the flight's version, linked to the flight while vLLM
+        registers it (the context variable is read by :meth:`add_request`)."""
+        seg = _Segment(flight)
+        gen = self._generate(
+            prompt, params, request_id, lora_request=lora_request_of(flight.version), **kwargs
+        )
+        try:
+            token = _SEGMENT.set(seg)
+            try:
+                first = await anext(gen)
+            except StopAsyncIteration:
+                return
+            finally:
+                _SEGMENT.reset(token)
+            yield first
+            async for out in gen:
+                yield out
+        finally:
+            self._unlink(seg)
+            await gen.aclose()
+
+    async def _run(
+        self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
+    ) -> AsyncGenerator[RequestOutput, None]:
+        stitcher = Stitcher(request_id, params)
+        book = attribution.current_book()
+        if book is not None:
+            book.track(request_id, stitcher.samples, flight.version.number)
+        cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
+        indices: list[int] | None = None  # None: the first segment, every sample
+        while True:
+            version = flight.version
+            if indices is None:
+                gens = [self._segment(flight, prompt, params, request_id, kwargs)]
+                stitcher.start_segment(list(range(params.n)))
+            else:
+                # Continuations keep the caller's external id: vLLM's abort routes by id
+                # reach them as they reach the first segment.
+                gens = [
+                    self._segment(
+                        flight,
+                        TokensPrompt(prompt_token_ids=stitcher.continuation_prompt(g)),
+                        stitcher.continuation_params(params, g),
+                        request_id,
+                        cont_kwargs,
+                    )
+                    for g in indices
+                ]
+                stitcher.start_segment(indices)
+            async for i, out in merge_async_iterators(*gens):
+                seen = stitcher.absorb(
+                    out,
+                    None if indices is None else indices[i],
+                    version.number,
+                    continuing=flight.interrupt == "continue",
+                )
+                if seen is not None:
+                    yield seen
+            indices = stitcher.to_continue()
+            if not indices:
+                return
+            if not await self._wait_for_resume(flight):
+                final = stitcher.give_up()
+                if final is not None:
+                    yield final
+                return
+            flight.interrupt = None
+            metrics.CONTINUED.labels(flight.name).inc()
+            self.registry.rebind(flight)
+            self._settle(flight.name)
+
+    async def _wait_for_resume(self, flight: Flight) -> bool:
+        """Until the flight's adapter is resumed; False if it was aborted or unloaded
+        meanwhile, the server closes, or ``resume_timeout_s`` passed."""
+
+        def resumable() -> bool:
+            return (
+                not self.closed
+                and flight.interrupt == "continue"
+                and flight.name in self.registry
+                and not self.registry.get(flight.name).paused
+            )
+
+        def ready() -> bool:
+            return resumable() or self.closed or flight.interrupt != "continue" or (
+                flight.name not in self.registry
+            )
+
+        try:
+            async with asyncio.timeout(self.config.resume_timeout_s):
+                await self._wait(flight.name, ready)
+        except TimeoutError:
+            return False
+        return resumable()
+
