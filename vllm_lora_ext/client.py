@@ -398,10 +398,13 @@ class RemoteInferenceClient:
                             raise _Transient("aborted again before making a token")
                     return seg
         except _Transient as e:
-            raise SampleRetryError(
-                f"gave up after {policy.max_attempts} attempts or {policy.deadline_s}s: {e}",
-                partial or _empty(body),
-            ) from e
+            attempts = retrying.statistics.get("attempt_number", 0)
+            why = (
+                f"gave up after {attempts} attempts"
+                if attempts >= policy.max_attempts
+                else f"deadline of {policy.deadline_s}s passed"
+            )
+            raise SampleRetryError(f"{why}: {e}", partial or _empty(body)) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _complete(self, body: dict[str, Any], tried: set[str]) -> SampleResponse:

@@ -57,8 +57,10 @@ class FakeInputProcessor:
 
     assign_request_id = staticmethod(InputProcessor.assign_request_id)
 
-    def _request(self, request_id: str, prompt: Any, params: SamplingParams, lora_request):
+    def _arrive(self, lora_request) -> None:
         self.engine.seen_loras.append(lora_request.lora_name if lora_request else None)
+
+    def _request(self, request_id: str, prompt: Any, params: SamplingParams, lora_request):
         if self.engine.fail_generate is not None:
             raise self.engine.fail_generate
         ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else list(PROMPT_IDS)
@@ -78,9 +80,11 @@ class FakeInputProcessor:
         )
 
     def process_inputs(self, request_id, prompt, params, supported_tasks=(), **kw):
+        self._arrive(kw.get("lora_request"))
         return self._request(request_id, prompt, params, kw.get("lora_request"))
 
     async def process_inputs_async(self, request_id, prompt, params, supported_tasks=(), **kw):
+        self._arrive(kw.get("lora_request"))
         await asyncio.sleep(self.engine.input_delay_s)  # tokenization: an await, like vLLM's
         return self._request(request_id, prompt, params, kw.get("lora_request"))
 
@@ -111,9 +115,7 @@ class FakeCore:
             made = self.made[rid]
             prompt_len = len(req.prompt_token_ids or ())
             outputs.append(
-                EngineCoreOutput(
-                    request_id=rid, new_token_ids=[token_at(prompt_len - 1 + made)]
-                )
+                EngineCoreOutput(request_id=rid, new_token_ids=[token_at(prompt_len - 1 + made)])
             )
             made += 1
             self.made[rid] = made
@@ -150,7 +152,9 @@ class FakeEngine:
             cache_config=SimpleNamespace(kv_sharing_fast_prefill=False),
         )
         self.model_config = SimpleNamespace(model="/no/such/model", is_encoder_decoder=False)
-        self.scheduler_config = SimpleNamespace(max_num_queued_reqs=None, max_num_queued_tokens=None)
+        self.scheduler_config = SimpleNamespace(
+            max_num_queued_reqs=None, max_num_queued_tokens=None
+        )
         self.observability_config = SimpleNamespace(otlp_traces_endpoint=None)
         self.admission_stats = None
         self.logger_manager = None

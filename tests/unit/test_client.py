@@ -194,3 +194,25 @@ async def test_tokens_without_a_logprob_are_dropped_and_made_again():
     r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
     check_aligned(r.samples[0], 8)
     assert server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(4)
+
+
+async def test_a_final_segment_missing_logprobs_is_made_again_not_dropped():
+    """The last segment ends 'length' but its last token came without a logprob: the
+    token is cut and made again, so the result still holds exactly max_tokens."""
+    client, (server,), _ = make([])
+    server.short_logprobs = 1
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    check_aligned(r.samples[0], 8)
+    assert r.samples[0].finish_reason == "length" and len(server.calls) == 2
+    assert server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(7)
+
+
+async def test_continuations_lower_min_tokens_and_drop_the_seed():
+    client, (server,), _ = make([("abort", 5)])
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=10, min_tokens=8, seed=3
+    )
+    check_aligned(r.samples[0], 10)
+    first, cont = server.calls
+    assert first["min_tokens"] == 8 and first["seed"] == 3
+    assert cont["min_tokens"] == 3 and "seed" not in cont

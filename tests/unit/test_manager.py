@@ -15,6 +15,7 @@ from vllm.exceptions import GracefulHTTPError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.exceptions import EngineGenerateError
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
@@ -60,9 +61,7 @@ async def drain(gen) -> list:
 
 
 def run(engine, rid: str, name: str | None = "meow", kind=RequestOutputKind.FINAL_ONLY, **kw):
-    gen = engine.generate(
-        "p", params(kind, **kw), rid, lora_request=lora(name) if name else None
-    )
+    gen = engine.generate("p", params(kind, **kw), rid, lora_request=lora(name) if name else None)
     return asyncio.create_task(drain(gen))
 
 
@@ -107,7 +106,7 @@ async def test_base_model_and_foreign_adapters_pass_through(tmp_path):
 async def test_lease_released_when_engine_errors(tmp_path):
     m, engine = await make(tmp_path)
     engine.fail_generate = RuntimeError("engine fell over")
-    with pytest.raises(Exception, match="fell over|EngineGenerateError"):
+    with pytest.raises(EngineGenerateError):  # what vLLM makes of it
         await run(engine, "r1")
     assert refcounts(m) == [0] and flights(m) == 0
 
@@ -427,7 +426,7 @@ async def test_interrupting_load_with_an_exact_request_admitted_meanwhile_succee
     old = run(engine, "r1")
     await wait_until(lambda: "r1" in engine.running)
     v1 = m.registry.get("meow").current_version
-    real_abort = engine.abort
+    real_abort = m.gate._abort  # the engine's own, under the gate's hook
     exact: list[asyncio.Task] = []
 
     async def abort(ids, internal=False):

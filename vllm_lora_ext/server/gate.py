@@ -178,7 +178,10 @@ class Gate:
         for name in {f.name for f in flights} | {w.name for w in waiters}:
             self.pulse(name)
         if ids:
-            await self._abort(sorted(ids), internal=True)
+            # Children before their parents: vLLM's abort_requests fails (list.remove)
+            # when a parent comes first in one call while its children are still there.
+            states = self.engine.output_processor.request_states
+            await self._abort(sorted(ids, key=lambda i: (i not in states, i)), internal=True)
         return len(flights) + len(waiters)
 
     # ---- the hooks ----------------------------------------------------------------
@@ -222,9 +225,11 @@ class Gate:
         queue = await self._add_request(request_id, prompt, params, *args, **kwargs)
         self._link(seg, queue.request_id)
         if seg.flight.interrupt is not None or seg.flight.released:
-            # Stopped while it was on its way in: the sweep could not see it yet.
-            await self._abort([queue.request_id, *seg.children], internal=True)
-            if seg.children:  # n > 1: children the sweep took may not have reached the core
+            # Stopped while it was on its way in: the sweep could not see it yet. (n > 1:
+            # the parent id takes its children; a child the sweep already took may have
+            # reached the engine core only after that abort, so the core hears it again.)
+            await self._abort([queue.request_id], internal=True)
+            if seg.children:
                 await self.engine.engine_core.abort_requests_async(seg.children)
         return queue
 
@@ -413,8 +418,11 @@ class Gate:
             )
 
         def ready() -> bool:
-            return resumable() or self.closed or flight.interrupt != "continue" or (
-                flight.name not in self.registry
+            return (
+                resumable()
+                or self.closed
+                or flight.interrupt != "continue"
+                or (flight.name not in self.registry)
             )
 
         try:
@@ -423,4 +431,3 @@ class Gate:
         except TimeoutError:
             return False
         return resumable()
-

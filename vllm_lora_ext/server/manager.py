@@ -159,14 +159,22 @@ class LoraManager:
             started = time.monotonic()
             version = self.registry.new_version(name, path, number)
             added = False
+            staging: asyncio.Future[str] | None = None
             try:
                 manifest = await self.staging.await_stable(version) if stepped else None
-                version.load_path = await asyncio.to_thread(self.staging.stage, version, manifest)
+                staging = asyncio.ensure_future(
+                    asyncio.to_thread(self.staging.stage, version, manifest)
+                )
+                # Shielded: a cancelled load still learns where its copy went.
+                version.load_path = await asyncio.shield(staging)
                 t_add = time.monotonic()
                 added = True
                 await self.engine.add_lora(lora_request_of(version))
                 version.add_lora_ms = 1000 * (time.monotonic() - t_add)
             except BaseException as e:  # refused, failed or cancelled: nothing changes
+                if staging is not None and version.load_path == version.path:
+                    with contextlib.suppress(BaseException):
+                        version.load_path = await staging
                 if added:
                     await asyncio.shield(self._forget_in_engine(version))
                 await asyncio.to_thread(self.staging.discard, version)
