@@ -83,7 +83,7 @@ class UnloadLoraRequest(_Body):
 
 class UnloadLoraResponse(BaseModel):
     lora_name: str
-    retired_versions: list[int]
+    unloaded_versions: list[int]
 
 
 class VersionInfo(BaseModel):
@@ -109,6 +109,14 @@ class AdapterInfo(BaseModel):
 class LorasResponse(BaseModel):
     adapters: list[AdapterInfo]
     engine_adapters: int = Field(description="Adapters registered in the engine (all names).")
+
+
+class StateResponse(BaseModel):
+    sizes: dict[str, int] = Field(
+        description="Entries of each piece of state: adapters, versions, flights, "
+        "waiters, tombstones, segments, events, leases, staged copies, locks, removals, "
+        "published names."
+    )
 
 
 class ErrorBody(BaseModel):

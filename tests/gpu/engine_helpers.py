@@ -24,8 +24,10 @@ def body(model: str, max_tokens: int, **extra) -> dict:
     }
 
 
-async def complete(c: httpx.AsyncClient, model: str, max_tokens: int, **extra) -> dict:
-    r = await c.post("/v1/completions", json=body(model, max_tokens, **extra))
+async def complete(
+    c: httpx.AsyncClient, model: str, max_tokens: int, headers: dict | None = None, **extra
+) -> dict:
+    r = await c.post("/v1/completions", json=body(model, max_tokens, **extra), headers=headers)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -50,6 +52,7 @@ class Stream:
     lora_versions: list[dict] | None = None
     header_version: str | None = None
     chunks: list[float] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
     task: asyncio.Task | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -65,7 +68,7 @@ class Stream:
         )
         req.update(extra)
         req["stream_options"] = {"include_usage": True}
-        async with c.stream("POST", "/v1/completions", json=req) as r:
+        async with c.stream("POST", "/v1/completions", json=req, headers=self.headers) as r:
             assert r.status_code == 200, await r.aread()
             self.header_version = r.headers.get("x-lora-version")
             async for line in r.aiter_lines():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import httpx
 import psutil
@@ -112,7 +113,13 @@ def test_ray_actor_serves_and_shuts_down_cleanly(toy):
         try:
             assert ray.get(actors[0].health.remote())
             procs = [psutil.Process(p) for p in ray.get(actors[0].engine_pids.remote())]
-            assert any("EngineCore" in p.name() for p in procs), procs
+            titles = []
+            for _ in range(40):  # a process sets its title once it runs
+                titles = [" ".join([p.name(), *p.cmdline()]) for p in procs]
+                if any("EngineCore" in t for t in titles):
+                    break
+                time.sleep(0.25)
+            assert any("EngineCore" in t for t in titles), titles
             _smoke(urls[0])
         finally:
             shutdown_servers(actors)

@@ -155,7 +155,7 @@ async def test_no_stale_prefix_cache_hit_after_in_place_rewrite(client, toy, tmp
         await post(client, "unload_lora_adapter", {"lora_name": "inplace"})
 
 
-async def test_retired_version_stays_until_its_queued_requests_finish(client, toy, tmp_path):
+async def test_evicted_version_stays_until_its_queued_requests_finish(client, toy, tmp_path):
     """More requests than engine seats (some queued), then the version is pushed out of
     the retention window and its files deleted: every request still completes."""
     src = tmp_path / "race"

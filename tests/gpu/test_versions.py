@@ -24,7 +24,7 @@ async def test_pin_old_version_and_unload_it(client, toy):
         err = await post(client, "unload_lora_adapter", {"lora_name": "meow", "version": new}, 409)
         assert "current version" in err["error"]
         r = await post(client, "unload_lora_adapter", {"lora_name": "meow", "version": old})
-        assert r["retired_versions"] == [old]
+        assert r["unloaded_versions"] == [old]
         gone = await client.post(
             "/v1/completions", json={"model": f"meow@{old}", "prompt": "x", "max_tokens": 2}
         )
@@ -47,7 +47,7 @@ async def test_unload_name_lets_running_requests_finish(client, toy):
     await running.wait_tokens(5)
     await wait_in_flight(client, "tmp", 1)
     r = await post(client, "unload_lora_adapter", {"lora_name": "tmp"})
-    assert r["retired_versions"] == [1]
+    assert r["unloaded_versions"] == [1]
     refused = await client.post(
         "/v1/completions", json={"model": "tmp", "prompt": "x", "max_tokens": 2}
     )

@@ -326,7 +326,7 @@ async def test_requests_that_bypass_generate_are_refused(tmp_path):
     assert not engine.output_processor.request_states
 
 
-async def test_a_retired_version_named_exactly_never_reaches_the_engine(tmp_path):
+async def test_an_evicted_version_named_exactly_never_reaches_the_engine(tmp_path):
     m, engine = await make(tmp_path)  # keep_versions=1
     stale = LoRARequest("meow@1", m.registry.get("meow").current_version.lora_int_id, "/s")
     await m.load("meow", str(write_adapter(tmp_path / "meow2")))
@@ -418,19 +418,21 @@ async def test_pause_abort_racing_a_continue_swap_ends_the_request(tmp_path):
 
 
 async def test_interrupting_load_with_an_exact_request_admitted_meanwhile_succeeds(tmp_path):
-    """A request naming the old version arrives while the load interrupts: the load
-    answers (no 500), the old version stays until that request ends, then leaves."""
+    """v1 idle (outside the window once v3 commits), r1 running on v2; the load of v3
+    interrupts r1, and while that abort is on its way a request for meow@1 is admitted.
+    The load answers (before the gate: RuntimeError 'meow@1 still has 1 users' after it
+    had committed), v1 stays until that request ends, then leaves."""
     m, engine = await make(
-        tmp_path, keep_versions=1, engine={"manual": True, "tokens_per_request": 100}
+        tmp_path, keep_versions=2, engine={"manual": True, "tokens_per_request": 100}
     )
+    await m.load("meow", str(write_adapter(tmp_path / "m2")))
     old = run(engine, "r1")
     await wait_until(lambda: "r1" in engine.running)
-    v1 = m.registry.get("meow").current_version
+    v1 = m.registry.get("meow").versions[1]
     real_abort = m.gate._abort  # the engine's own, under the gate's hook
     exact: list[asyncio.Task] = []
 
     async def abort(ids, internal=False):
-        # While the swap's interrupt is on its way, a request for meow@1 is admitted.
         exact.append(
             asyncio.create_task(
                 drain(
@@ -444,14 +446,14 @@ async def test_interrupting_load_with_an_exact_request_admitted_meanwhile_succee
         await real_abort(ids, internal)
 
     m.gate._abort = abort
-    loaded = await m.load("meow", str(write_adapter(tmp_path / "m2")), interrupt="abort")
-    assert loaded.version.number == 2 and loaded.interrupted == 1
+    loaded = await m.load("meow", str(write_adapter(tmp_path / "m3")), interrupt="abort")
+    assert loaded.version.number == 3 and loaded.interrupted == 1
     assert (await old)[-1].outputs[0].finish_reason == "abort"
     assert 1 in m.registry.get("meow").versions and v1.refcount == 1
     engine.step(100)
     assert (await exact[0])[-1].outputs[0].finish_reason == "stop"
     await wait_until(lambda: v1.lora_int_id in engine.removed)
-    assert sorted(m.registry.get("meow").versions) == [2]
+    assert sorted(m.registry.get("meow").versions) == [2, 3]
 
 
 async def test_staged_copy_outlives_the_source_and_leaves_with_the_version(tmp_path):

@@ -7,6 +7,7 @@ OpenAI routes, ``/health`` and ``/metrics`` are vLLM's, unchanged.
 
 from __future__ import annotations
 
+import os
 import socket
 from argparse import Namespace
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.server import worker_loader
 from vllm_lora_ext.server.plugin import ensure_attached
 
 
@@ -94,6 +96,7 @@ async def run_cli_server(argv: Sequence[str]) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http
 
     args = parse_server_args(argv)
+    os.environ.setdefault(worker_loader.ENV_FLAG, "1")  # inherited by the engine's workers
     sock = bind_socket(args.host or "0.0.0.0", args.port)
     try:
         async with build_async_engine_client(args) as engine:

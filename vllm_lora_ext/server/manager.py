@@ -240,6 +240,7 @@ class LoraManager:
             task = asyncio.get_running_loop().create_task(self._remove_from_engine(versions))
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
+            metrics.prune_vllm_lora_info()
         if self.registry.tidy(name):
             self.gate.pulse(name)
             metrics.forget(name)

@@ -76,6 +76,33 @@ def forget(name: str) -> None:
                 metric.remove(*labels)
 
 
+VLLM_LORA_INFO = "vllm:lora_requests_info"
+
+
+def prune_vllm_lora_info() -> int:
+    """Keep only the newest series of vLLM's ``vllm:lora_requests_info`` gauge.
+
+    vLLM labels that gauge with the comma-joined names of the adapters running and
+    waiting, sets the current combination to the current time, and keeps every
+    combination it ever saw. With one engine-side name per version, nearly every swap
+    makes a new series that is never dropped (measured: /metrics grew from 54 KB to
+    434 KB over 3,000 swaps). Only the newest series says anything; the rest go.
+    """
+    gauge = REGISTRY._names_to_collectors.get(VLLM_LORA_INFO)
+    names = getattr(gauge, "_labelnames", None)
+    if gauge is None or not names:
+        return 0
+    samples = [s for family in gauge.collect() for s in family.samples]
+    if len(samples) <= 1:
+        return 0
+    newest = max(samples, key=lambda s: s.value)
+    stale = [s for s in samples if s is not newest]
+    for sample in stale:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*(sample.labels[n] for n in names))
+    return len(stale)
+
+
 class _HasSnapshot(Protocol):
     def snapshot(self) -> list[dict]: ...
 

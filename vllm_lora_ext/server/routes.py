@@ -33,6 +33,7 @@ from vllm_lora_ext.protocol import (
     PinLoraRequest,
     PinLoraResponse,
     ResumeRequest,
+    StateResponse,
     UnloadLoraRequest,
     UnloadLoraResponse,
 )
@@ -162,6 +163,12 @@ async def loras(request: Request) -> LorasResponse:
     )
 
 
+@router.get("/state", responses=_ERRORS)
+async def state(request: Request) -> StateResponse:
+    """How much per-name and per-request state the server holds (it must stay bounded)."""
+    return StateResponse(sizes=manager_of(request).sizes())
+
+
 @router.post("/load_lora_adapter", responses=_ERRORS)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLoraResponse:
     loaded = await manager_of(request).load(
@@ -188,5 +195,5 @@ async def pin_lora_adapter(body: PinLoraRequest, request: Request) -> PinLoraRes
 
 @router.post("/unload_lora_adapter", responses=_ERRORS)
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> UnloadLoraResponse:
-    retired = await manager_of(request).unload(body.lora_name, body.version)
-    return UnloadLoraResponse(lora_name=body.lora_name, retired_versions=retired)
+    unloaded = await manager_of(request).unload(body.lora_name, body.version)
+    return UnloadLoraResponse(lora_name=body.lora_name, unloaded_versions=unloaded)

@@ -1,0 +1,120 @@
+"""A leak-free reader of LoRA safetensors for vLLM's workers (a ``vllm.general_plugins``
+entry point, so it runs in the worker processes, where adapters are loaded).
+
+Measured here: every ``add_lora`` grows the worker by ~3.7 KiB for good, whatever the
+ids, names or traffic. The growth is safetensors' torch loader: ``safe_open(...,
+framework="pt").get_tensor`` keeps two small Python objects per tensor it returns (the
+same in a plain Python process, without vLLM; safetensors 0.6.2 to 0.8.0, torch 2.13).
+At one swap a second that is ~300 MiB a day.
+
+vLLM's LoRA loader (``vllm.lora.lora_model``) uses only ``keys()`` and ``get_tensor()``
+of ``safe_open``; :class:`SafetensorsFile` gives the same tensors, zero-copy over one
+private mmap of the file as safetensors does, without the leak. It replaces the
+``safetensors`` name in that one vLLM module and nowhere else.
+
+It is active where our launchers run (they set ``LORA_EXT_WORKER_LOADER=1`` before the
+engine starts) or when ``VLLM_PLUGINS`` names ``lora_ext``; an installed package alone
+changes nothing in other vLLM deployments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+logger = logging.getLogger("vllm.lora_ext")
+
+ENV_FLAG = "LORA_EXT_WORKER_LOADER"
+
+
+def _dtypes() -> dict[str, Any]:
+    import torch
+
+    names = {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+    }
+    return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+
+
+class SafetensorsFile:
+    """``safetensors.safe_open(path, framework="pt")`` as vLLM's LoRA loader uses it."""
+
+    def __init__(self, filename: str | os.PathLike, framework: str = "pt", device: str = "cpu"):
+        import torch
+
+        if framework not in ("pt", "torch"):
+            raise ValueError(f"only the torch framework is supported, not {framework!r}")
+        path = Path(filename)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"{path}: corrupt safetensors header length {n}")
+            header = json.loads(f.read(n))
+        self._metadata = header.pop("__metadata__", None)
+        self._header = header
+        self._base = 8 + n
+        self._device = device
+        self._dtypes = _dtypes()
+        self._storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._storage = None
+
+    def keys(self) -> list[str]:
+        return sorted(self._header)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def get_tensor(self, name: str):
+        import torch
+
+        meta = self._header[name]
+        start, end = meta["data_offsets"]
+        dtype = self._dtypes[meta["dtype"]]
+        shape = list(meta["shape"])
+        if end == start:
+            return torch.empty(shape, dtype=dtype, device=self._device)
+        raw = torch.asarray(self._storage[self._base + start : self._base + end], dtype=torch.uint8)
+        tensor = raw.view(dtype).reshape(shape)
+        return tensor if self._device == "cpu" else tensor.to(self._device)
+
+
+def wanted() -> bool:
+    if os.environ.get(ENV_FLAG) == "1":
+        return True
+    plugins = os.environ.get("VLLM_PLUGINS")
+    return plugins is not None and "lora_ext" in plugins.split(",")
+
+
+def install() -> None:
+    """The ``vllm.general_plugins`` entry point (every vLLM process calls it)."""
+    if not wanted():
+        return
+    import vllm.lora.lora_model as lora_model
+
+    current = getattr(lora_model, "safetensors", None)
+    if getattr(current, "safe_open", None) is SafetensorsFile:
+        return
+    lora_model.safetensors = SimpleNamespace(safe_open=SafetensorsFile)
+    logger.debug("lora_ext: LoRA safetensors are read by the leak-free reader")
