@@ -43,13 +43,17 @@ class LoraServer:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from vllm_lora_ext.server import worker_loader
-        from vllm_lora_ext.server.app import bind_socket, build_lora_app, parse_server_args
+        from vllm_lora_ext.server.app import (
+            apply_launch_flags,
+            bind_socket,
+            build_lora_app,
+            parse_server_args,
+        )
 
         if self.url is not None:
             return self.url
         args = parse_server_args(server_args)
-        os.environ.setdefault(worker_loader.ENV_FLAG, "1")  # inherited by the engine's workers
+        apply_launch_flags(args)
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
         try:

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -130,9 +130,38 @@ def step_of(path: Path | str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def is_broadcast_step(path: Path | str) -> bool:
+StepKind = Literal["plain", "ours", "sentinel", "pending"]
+
+
+def step_kind(path: Path | str) -> StepKind:
+    """What a ``lora_path`` is, by its content (never by its name alone):
+
+    - ``ours``: this module's layout (a ``manifest.json``, and ``STABLE`` naming it once
+      sealed): waited for, then checked against the manifest;
+    - ``sentinel``: adapter files and a ``STABLE`` that names no manifest (prime-rl
+      writes an empty one after the weights): complete by the writer's word, loaded
+      once the adapter files check out;
+    - ``pending``: a directory named ``step_N`` with no adapter files visible yet (a
+      step on its way, e.g. over NFS): waited for;
+    - ``plain``: anything else, an ordinary adapter directory whatever its name: loaded
+      at once.
+    """
     p = Path(path)
-    return step_of(p) is not None or (p / STABLE).exists() or (p / MANIFEST).exists()
+    if (p / MANIFEST).exists():
+        return "ours"
+    if (p / STABLE).exists():
+        return "ours" if _sentinel_names_manifest(p / STABLE) else "sentinel"
+    if step_of(p) is not None and not (p / "adapter_config.json").exists():
+        return "pending"
+    return "plain"
+
+
+def _sentinel_names_manifest(sentinel: Path) -> bool:
+    try:
+        body = json.loads(sentinel.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and "manifest" in body
 
 
 def ram_root(name: str = "vllm-lora-ext") -> Path:

@@ -25,6 +25,10 @@ class InvalidAdapterError(LoraExtError):
     status = 400
 
 
+class IncompleteAdapterError(InvalidAdapterError):
+    """Files missing or shorter than they say: maybe not all written (or visible) yet."""
+
+
 class UnauthorizedError(LoraExtError):
     status = 401
 

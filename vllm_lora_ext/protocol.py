@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,5 +120,19 @@ class StateResponse(BaseModel):
     )
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = Field(description="The HTTP status phrase, as vLLM's own errors say it.")
+    param: str | None = None
+    code: int
+
+
 class ErrorBody(BaseModel):
-    error: str
+    """vLLM's error format (``ErrorResponse``), the same on every route of the server."""
+
+    error: ErrorInfo
+
+
+def error_body(message: str, status: int) -> dict:
+    info = ErrorInfo(message=message, type=HTTPStatus(status).phrase, code=status)
+    return ErrorBody(error=info).model_dump()

@@ -38,7 +38,16 @@ def watch_root(tmp_path_factory) -> Path:
 def server_proc(toy: ToyAssets, watch_root: Path, tmp_path_factory) -> Iterator[ServerProcess]:
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [*lora_ext_cmd(toy, port), "--watch", f"watched={watch_root}"]
+    cmd = [
+        *lora_ext_cmd(toy, port),
+        "--watch",
+        f"watched={watch_root}",
+        # What the RL stacks use: vLLM's LoRA routes, its dev-mode RL routes, and
+        # token-in/token-out generation.
+        "--allow-runtime-lora-updating",
+        "--dev-mode",
+        "--enable-scale-out",
+    ]
     server = start_server(cmd, port, log, SERVER_ENV)
     warm_up(server.url, ["meow", "woof", "toy-base"])
     yield server

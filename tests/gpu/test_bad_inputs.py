@@ -29,7 +29,7 @@ from engine_helpers import complete, loras, post, words
 )
 async def test_control_routes_reject_bad_bodies(client, path, payload, status, needle):
     err = await post(client, path, payload, status)
-    assert needle in err["error"]
+    assert needle in err["error"]["message"]
 
 
 async def test_non_json_body_is_a_400(client):
@@ -37,7 +37,7 @@ async def test_non_json_body_is_a_400(client):
         "/skyrl/v1/pause", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400
-    assert "JSON" in r.json()["error"]
+    assert "JSON" in r.json()["error"]["message"]
 
 
 def _copy_adapter(src: Path, dst: Path) -> Path:
@@ -84,7 +84,7 @@ async def test_failed_loads_leave_previous_version_serving(client, toy, tmp_path
         err = await post(
             client, "load_lora_adapter", {"lora_name": name, "lora_path": path}, status
         )
-        assert needle in err["error"], (path, err)
+        assert needle in err["error"]["message"], (path, err)
     after = await loras(client)
     assert after["meow"]["version"] == before["meow"]["version"]
     assert [v["version"] for v in after["meow"]["versions"]] == [
@@ -101,14 +101,14 @@ async def test_adapter_name_rules(client, toy):
         {"lora_name": "toy-base", "lora_path": str(toy.adapters["meow"])},
         400,
     )
-    assert "collides with the base model" in err["error"]
+    assert "collides with the base model" in err["error"]["message"]
     err = await post(
         client,
         "load_lora_adapter",
         {"lora_name": "me@ow", "lora_path": str(toy.adapters["meow"])},
         400,
     )
-    assert "invalid adapter name" in err["error"]
+    assert "invalid adapter name" in err["error"]["message"]
     assert not {"toy-base", "me@ow", "me"} & set(await loras(client))  # nothing half-made
 
 

@@ -27,7 +27,7 @@ async def test_incomplete_or_corrupt_steps_are_refused_and_old_version_serves(
         err = await post(
             client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(unsealed)}, 425
         )
-        assert "no STABLE sentinel" in err["error"]
+        assert "no STABLE sentinel" in err["error"]["message"]
 
         bad = publish(toy.adapters["woof"], root, 3)
         f = bad.path / "adapter_model.safetensors"
@@ -37,7 +37,7 @@ async def test_incomplete_or_corrupt_steps_are_refused_and_old_version_serves(
         err = await post(
             client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(bad.path)}, 422
         )
-        assert "sha256" in err["error"]
+        assert "sha256" in err["error"]["message"]
 
         state = (await loras(client))["bc"]
         assert state["version"] == v1["version"] and len(state["versions"]) == 1

@@ -61,7 +61,7 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
                     json={"lora_name": "meow"},
                     headers={"Authorization": token} if token else {},
                 )
-                assert r.status_code == 401 and "admin token" in r.json()["error"]
+                assert r.status_code == 401 and "admin token" in r.json()["error"]["message"]
             assert not c.get("/skyrl/v1/loras").is_success
             auth = {"Authorization": "Bearer sekret"}
             for path, status in [

@@ -172,7 +172,7 @@ async def test_wait_mode_drains_then_times_out_cleanly(client):
     long = Stream("meow", LONG).start(client)
     await long.wait_tokens(3)
     err = await post(client, "pause", {"lora_name": "meow", "mode": "wait", "timeout_s": 0.3}, 409)
-    assert "in flight" in err["error"]
+    assert "in flight" in err["error"]["message"]
     assert not (await loras(client))["meow"]["paused"]  # a failed pause is undone
     await long.result()
     assert long.tokens == LONG

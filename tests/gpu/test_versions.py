@@ -22,7 +22,7 @@ async def test_pin_old_version_and_unload_it(client, toy):
         assert {f"meow@{old}", f"meow@{new}"} <= models
 
         err = await post(client, "unload_lora_adapter", {"lora_name": "meow", "version": new}, 409)
-        assert "current version" in err["error"]
+        assert "current version" in err["error"]["message"]
         r = await post(client, "unload_lora_adapter", {"lora_name": "meow", "version": old})
         assert r["unloaded_versions"] == [old]
         gone = await client.post(

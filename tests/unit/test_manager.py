@@ -539,28 +539,23 @@ async def test_server_side_continuation_derives_a_new_seed(tmp_path):
 
 
 # ---- broadcast and watcher -----------------------------------------------------------
-def seal(step: Path, number: int) -> None:
-    """The publisher finishes: manifest, then the sentinel, as publish() does."""
-    manifest = broadcast._manifest_of(step, number)
-    (step / broadcast.MANIFEST).write_text(json.dumps(manifest))
-    digest = broadcast.sha256_of(step / broadcast.MANIFEST)
-    broadcast._write_atomic(
-        step / broadcast.STABLE,
-        json.dumps({"manifest": "manifest.json", "sha256": digest}).encode(),
-    )
-
-
 async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
     m, _ = await make(tmp_path, stable_wait_s=10)
     src = write_adapter(tmp_path / "src")
     step = tmp_path / "bc" / "step_1"
     step.mkdir(parents=True)
-    for f in src.iterdir():  # the files are there, the sentinel is not
+    for f in src.iterdir():  # a publisher mid-way: files and manifest, no sentinel yet
         shutil.copyfile(f, step / f.name)
+    manifest = broadcast._manifest_of(step, 1)
+    (step / broadcast.MANIFEST).write_text(json.dumps(manifest))
     load = asyncio.create_task(m.load("meow", str(step)))
     await wait_until(lambda: list((step / ".leases").glob("*")))  # waiting, leased
     assert not load.done() and m.registry.get("meow").current == 1
-    seal(step, 1)
+    digest = broadcast.sha256_of(step / broadcast.MANIFEST)
+    broadcast._write_atomic(
+        step / broadcast.STABLE,
+        json.dumps({"manifest": "manifest.json", "sha256": digest}).encode(),
+    )
     loaded = await asyncio.wait_for(load, 5)
     assert loaded.version.number == 2
     (lease,) = (step / ".leases").iterdir()
@@ -572,11 +567,51 @@ async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path
     m, engine = await make(tmp_path, stable_wait_s=0.2)
     step = tmp_path / "bc" / "step_4"
     step.mkdir(parents=True)
-    with pytest.raises(broadcast.NotReadyError, match="no STABLE") as err:
+    with pytest.raises(broadcast.NotReadyError, match="no adapter files yet") as err:
         await m.load("meow", str(step))
     assert err.value.status == 425
     assert m.registry.get("meow").current == 1 and len(engine.loaded) == 1
     assert not list((step / ".leases").glob("*"))
+
+
+async def test_a_plain_adapter_directory_named_step_n_loads_at_once(tmp_path):
+    m, _ = await make(tmp_path, stable_wait_s=30)
+    step = write_adapter(tmp_path / "checkpoints" / "step_7")  # every trainer's naming
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    loaded = await m.load("meow", str(step))
+    assert loaded.version.number == 2 and loop.time() - started < 5
+
+
+async def test_a_sentinel_without_manifest_loads_once_the_files_check_out(tmp_path):
+    """prime-rl's layout: the weights, then an empty STABLE. Files still arriving are
+    waited for (then 425 naming what is missing); nothing is written into the step."""
+    m, _ = await make(tmp_path, stable_wait_s=0.3)
+    step = write_adapter(tmp_path / "prime" / "step_3")
+    (step / "STABLE").write_text("")
+    assert (await m.load("meow", str(step))).version.number == 2
+    assert sorted(p.name for p in step.iterdir()) == [
+        "STABLE",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    torn = write_adapter(tmp_path / "prime" / "step_4")
+    (torn / "STABLE").write_text("")
+    weights = torn / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])  # the header says more than is there
+    with pytest.raises(broadcast.NotReadyError, match="truncated") as err:
+        await m.load("meow", str(torn))
+    assert err.value.status == 425 and m.registry.get("meow").current == 2
+
+
+async def test_a_pending_step_loads_when_its_files_arrive(tmp_path):
+    m, _ = await make(tmp_path, stable_wait_s=10)
+    step = tmp_path / "nfs" / "step_9"
+    load = asyncio.create_task(m.load("meow", str(step)))
+    await asyncio.sleep(0.1)
+    assert not load.done()  # not visible yet: waiting
+    write_adapter(step)
+    assert (await asyncio.wait_for(load, 5)).version.number == 2
 
 
 async def test_corrupt_broadcast_step_is_422_at_once(tmp_path):

@@ -45,9 +45,32 @@ def parse_server_args(argv: Sequence[str]) -> Namespace:
         metavar="DIR",
         help="Allowed root of every lora_path (repeatable; or LORA_EXT_LORA_ROOTS).",
     )
+    group.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="Serve vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (put through "
+        "the extension), as VLLM_ALLOW_RUNTIME_LORA_UPDATING=True does.",
+    )
+    group.add_argument(
+        "--dev-mode",
+        action="store_true",
+        help="Serve vLLM's dev-mode routes (/pause, /resume, /is_paused, /abort_requests, "
+        "weight sync), as VLLM_SERVER_DEV_MODE=1 does. Development and trusted networks "
+        "only, as in vLLM.",
+    )
     args = parser.parse_args(list(argv))
     validate_parsed_serve_args(args)
     return args
+
+
+def apply_launch_flags(args: Namespace) -> None:
+    """What the RL stacks need, switched on the way vLLM reads it: environment variables
+    set before the app is built (the engine's processes inherit them)."""
+    os.environ.setdefault(worker_loader.ENV_FLAG, "1")
+    if getattr(args, "allow_runtime_lora_updating", False):
+        os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if getattr(args, "dev_mode", False):
+        os.environ["VLLM_SERVER_DEV_MODE"] = "1"
 
 
 def config_from_args(args: Namespace) -> LoraExtConfig:
@@ -96,7 +119,7 @@ async def run_cli_server(argv: Sequence[str]) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http
 
     args = parse_server_args(argv)
-    os.environ.setdefault(worker_loader.ENV_FLAG, "1")  # inherited by the engine's workers
+    apply_launch_flags(args)
     sock = bind_socket(args.host or "0.0.0.0", args.port)
     try:
         async with build_async_engine_client(args) as engine:

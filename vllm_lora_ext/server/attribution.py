@@ -27,7 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_lora_ext.server.continuation import Sample, Span
 
 VERSION_HEADER = "x-lora-version"
-ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+ATTRIBUTED_PATHS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"}
+)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def final_version(per_choice: list[list[Span]], admitted: int) -> int:
 def annotate(body: dict[str, Any], book: SpanBook, final: bool) -> int | None:
     """Add ``lora_versions`` to the choices of one response (or of one stream chunk,
     only those that finished unless ``final``); returns the final version, or None."""
-    rid = body.get("id")
+    rid = _response_id(body)
     choices = body.get("choices")
     if not isinstance(rid, str) or not isinstance(choices, list):
         return None
@@ -123,6 +125,11 @@ def annotate(body: dict[str, Any], book: SpanBook, final: bool) -> int | None:
         if final or choice.get("finish_reason") is not None:
             choice["lora_versions"] = spans_json(per_choice[index])
     return final_version(per_choice, admitted)
+
+
+def _response_id(body: dict[str, Any]) -> Any:
+    """OpenAI responses name it ``id``; vLLM's token-in/token-out ``request_id``."""
+    return body.get("id") or body.get("request_id")
 
 
 def _header(message: Message, name: str) -> str | None:
@@ -200,7 +207,7 @@ class AttributionMiddleware:
                     except ValueError:
                         body = None
                     if isinstance(body, dict):
-                        response_id = response_id or body.get("id")
+                        response_id = response_id or _response_id(body)
                         if annotate(body, book, final=False) is not None:
                             text = "data: " + json.dumps(body, separators=(",", ":"))
                 out_events.append(text.encode("utf-8") + b"\n\n")

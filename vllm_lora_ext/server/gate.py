@@ -58,6 +58,7 @@ def lora_request_of(version: Version) -> LoRARequest:
         lora_name=version.internal_name,
         lora_int_id=version.lora_int_id,
         lora_path=version.load_path,
+        is_3d_lora_weight=version.is_3d_lora_weight,
     )
 
 
@@ -155,6 +156,10 @@ class Gate:
         return True
 
     # ---- stopping requests --------------------------------------------------------
+    async def engine_abort(self, ids: list[str], internal: bool) -> None:
+        """vLLM's own abort, beneath the hook (marks nothing of ours)."""
+        await self._abort(ids, internal=internal)
+
     async def stop(
         self,
         flights: list[Flight],

@@ -27,6 +27,7 @@ from vllm_lora_ext.server.gate import Gate, lora_request_of
 from vllm_lora_ext.server.registry import Interrupt, PauseMode, Registry, Version
 from vllm_lora_ext.server.staging import Staging
 from vllm_lora_ext.server.validation import check_adapter_dir, check_under_roots, model_module_names
+from vllm_lora_ext.server.vllm_api import ServingModelsHooks
 from vllm_lora_ext.server.watcher import Watcher
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -76,7 +77,9 @@ class LoraManager:
         self.model_modules = model_module_names(engine.model_config.model)
         self.staging = Staging(config, self._check)
         self.watcher = Watcher(self.load, config.watch, config.watch_interval_s)
+        self.vllm_hooks = ServingModelsHooks(self, serving_models) if serving_models else None
         self._locks = _NameLocks()
+        self._resolving = _NameLocks()
         self._removals: set[asyncio.Task] = set()
 
     def _check(self, path: str) -> dict:
@@ -84,9 +87,16 @@ class LoraManager:
 
     # ---- life cycle ---------------------------------------------------------------
     def install(self) -> None:
-        """Route the engine's requests through the gate (every OpenAI route uses it)."""
+        """Route the engine's requests through the gate (every OpenAI route uses it),
+        and vLLM's own LoRA loads and unloads through this manager."""
         self.gate.install()
+        if self.vllm_hooks is not None:
+            self.vllm_hooks.install()
         metrics.STATE.sources.add(self)
+
+    def resolving(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """One resolution of an unknown name (vLLM's resolver plugins) at a time."""
+        return self._resolving.hold(name)
 
     async def adopt_static_adapters(self) -> None:
         """Take over adapters given by ``--lora-modules`` as their version 1."""
@@ -107,6 +117,8 @@ class LoraManager:
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
         self.gate.uninstall()
+        if self.vllm_hooks is not None:
+            self.vllm_hooks.uninstall()
         metrics.STATE.sources.discard(self)
         await self.staging.close()
 
@@ -116,7 +128,7 @@ class LoraManager:
             **self.registry.sizes(),
             **self.gate.sizes(),
             **self.staging.sizes(),
-            "locks": len(self._locks),
+            "locks": len(self._locks) + len(self._resolving),
             "removals": len(self._removals),
             "published": len(self.serving_models.lora_requests) if self.serving_models else 0,
         }
@@ -129,13 +141,14 @@ class LoraManager:
         interrupt: Interrupt | None = None,
         pin: bool = False,
         version: int | None = None,
+        is_3d_lora_weight: bool = False,
     ) -> Loaded:
         """Load ``path`` as the new current version of ``name``. By default requests in
         flight finish on the version they started on; ``interrupt`` ends them partial
         (``abort``) or moves them onto the new version (``continue``). Loads of one name
         are serialized; the previous version serves until the new one is committed."""
         try:
-            loaded = await self._load(name, path, interrupt, pin, version)
+            loaded = await self._load(name, path, interrupt, pin, version, is_3d_lora_weight)
         except BaseException as e:
             # Label only names we serve: refused input must not mint metric series.
             metrics.count_swap(name if name in self.registry else None, e)
@@ -144,24 +157,31 @@ class LoraManager:
         return loaded
 
     async def _load(
-        self, name: str, path: str, interrupt: Interrupt | None, pin: bool, number: int | None
+        self,
+        name: str,
+        path: str,
+        interrupt: Interrupt | None,
+        pin: bool,
+        number: int | None,
+        is_3d_lora_weight: bool,
     ) -> Loaded:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
         try:
             await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
-            stepped = await asyncio.to_thread(broadcast.is_broadcast_step, path)
-            if not stepped:  # fail fast, before taking the name's lock
+            kind = await asyncio.to_thread(broadcast.step_kind, path)
+            if kind == "plain":  # fail fast, before taking the name's lock
                 await asyncio.to_thread(self._check, path)
         except OSError as e:  # e.g. a name too long for the filesystem: bad input, not a 500
             raise InvalidAdapterError(f"cannot inspect lora_path '{path}': {e.strerror}") from e
         async with self._locks.hold(name):
             started = time.monotonic()
             version = self.registry.new_version(name, path, number)
+            version.is_3d_lora_weight = is_3d_lora_weight
             added = False
             staging: asyncio.Future[str] | None = None
             try:
-                manifest = await self.staging.await_stable(version) if stepped else None
+                manifest = await self.staging.await_step(version) if kind != "plain" else None
                 staging = asyncio.ensure_future(
                     asyncio.to_thread(self.staging.stage, version, manifest)
                 )
@@ -314,6 +334,19 @@ class LoraManager:
         adapter = self.registry.get(name)
         flights, waiters = self.registry.requests(name)
         return await self.gate.stop(flights, "abort", waiters, adapter)
+
+    async def abort_everything(self) -> int:
+        """End every request now: ours wherever they are (held, between segments,
+        running), and every other request the engine holds (base model, foreign)."""
+        stopped = 0
+        for name in self.registry.names():
+            flights, waiters = self.registry.requests(name)
+            stopped += await self.gate.stop(flights, "abort", waiters, self.registry.get(name))
+        op = self.engine.output_processor
+        rest = [*op.request_states, *op.parent_requests]  # children before their parents
+        if rest:
+            await self.gate.engine_abort(rest, internal=True)
+        return stopped + len(rest)
 
     def snapshot(self) -> list[dict]:
         return self.registry.snapshot()

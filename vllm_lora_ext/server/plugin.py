@@ -17,6 +17,7 @@ from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.attribution import AttributionMiddleware
 from vllm_lora_ext.server.manager import LoraManager
 from vllm_lora_ext.server.routes import router
+from vllm_lora_ext.server.vllm_api import take_over_abort_route
 
 PLUGIN_NAME = "lora_ext"
 
@@ -30,6 +31,7 @@ class LoraExtPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        take_over_abort_route(app)
         if not any(m.cls is AttributionMiddleware for m in app.user_middleware):
             # vLLM's build_app may already have built the stack (Starlette then refuses
             # add_middleware); registering and dropping the built stack rebuilds it on

@@ -49,6 +49,7 @@ class Version:
     pinned: bool = False
     unloaded: bool = False
     add_lora_ms: float = 0.0  # the engine's own load time (the floor of a swap)
+    is_3d_lora_weight: bool = False  # vLLM's flag for fused-MoE (3D) LoRA weights
 
     def __post_init__(self) -> None:
         self.load_path = self.load_path or self.path

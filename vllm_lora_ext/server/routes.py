@@ -1,7 +1,8 @@
 """The ``/skyrl/v1/`` router: thin HTTP over :class:`~vllm_lora_ext.server.manager.LoraManager`.
 
-Every refusal is ``{"error": "..."}`` with a 4xx (or 503 for a held request that timed out),
-including malformed bodies, which FastAPI would otherwise answer in its own shape.
+Every refusal is vLLM's error format, ``{"error": {"message", "type", "param", "code"}}``,
+with a 4xx (or 503 for a held request that timed out), including malformed bodies, which
+FastAPI would otherwise answer in its own shape.
 Every route checks the admin token (when one is configured) and the body size before
 anything else, and every control action is logged as one JSON line.
 """
@@ -36,6 +37,7 @@ from vllm_lora_ext.protocol import (
     StateResponse,
     UnloadLoraRequest,
     UnloadLoraResponse,
+    error_body,
 )
 from vllm_lora_ext.server.manager import LoraManager
 
@@ -103,10 +105,10 @@ class LoraExtRoute(APIRoute):
                 response = await handler(request)
             except RequestValidationError as e:
                 error = _validation_message(e)
-                response = JSONResponse({"error": error}, status_code=400)
+                response = JSONResponse(error_body(error, 400), status_code=400)
             except LoraExtError as e:
                 error = e.message
-                response = JSONResponse({"error": error}, status_code=e.status)
+                response = JSONResponse(error_body(error, e.status), status_code=e.status)
             if request.method == "POST" or response.status_code == 401:
                 record = {
                     "event": "lora_ext.control",

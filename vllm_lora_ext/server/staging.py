@@ -34,7 +34,7 @@ from tenacity import (
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.errors import InvalidAdapterError
+from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError
 from vllm_lora_ext.server.registry import Version
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -59,10 +59,12 @@ class Staging:
         return {"leases": len(self._leases), "staged": staged}
 
     # ---- broadcast steps ------------------------------------------------------------
-    async def await_stable(self, version: Version) -> dict:
-        """Lease a broadcast step, then wait (bounded, with backoff) until its sentinel
-        and its manifest-verified files are visible. A step that is not ready in time is
-        a 425 naming what is missing; a checksum mismatch is a 422 at once."""
+    async def await_step(self, version: Version) -> dict | None:
+        """Wait (bounded, with backoff) until a broadcast step is complete where the
+        server looks; returns its manifest (our layout) or None (a sentinel without a
+        manifest, or a step that turned out to be a plain adapter directory). What is
+        not visible yet is tried again until ``stable_wait_s``, then a 425 names what is
+        missing; a checksum mismatch is a 422 at once. Only our layout is leased."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(broadcast.NotReadyError),
             stop=stop_before_delay(self.config.stable_wait_s),
@@ -72,8 +74,7 @@ class Staging:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._lease(version)  # again: the step may have been replaced
-                    return await asyncio.to_thread(broadcast.verify_step, version.path)
+                    return await self._step_once(version)
         except broadcast.NotReadyError as e:
             self.release(version)
             e.message = f"{e.message} (waited {self.config.stable_wait_s}s)"
@@ -82,6 +83,22 @@ class Staging:
             self.release(version)
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _step_once(self, version: Version) -> dict | None:
+        path = version.path
+        kind = await asyncio.to_thread(broadcast.step_kind, path)  # a pending step changes
+        if kind == "ours":
+            await self._lease(version)  # (again: the step may have been replaced)
+            return await asyncio.to_thread(broadcast.verify_step, path)
+        if kind == "pending":
+            seen = await asyncio.to_thread(os.path.isdir, path)
+            what = "has no adapter files yet" if seen else "is not visible"
+            raise broadcast.NotReadyError(f"step directory '{path}' {what}")
+        try:
+            await asyncio.to_thread(self._check, path)
+        except IncompleteAdapterError as e:  # files still arriving (or not yet visible)
+            raise broadcast.NotReadyError(e.message) from e
+        return None
 
     async def _lease(self, version: Version) -> None:
         holder = f"{self._holder}-{version.internal_name}-{version.lora_int_id}"

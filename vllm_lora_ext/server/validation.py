@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from vllm_lora_ext.errors import InvalidAdapterError
+from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -23,10 +23,14 @@ def read_safetensors_header(path: Path) -> dict:
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise InvalidAdapterError(f"{path.name}: file too short to be safetensors")
+            raise IncompleteAdapterError(f"{path.name}: file too short to be safetensors")
         (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or n > min(_MAX_HEADER, size - 8):
+        if n <= 0 or n > _MAX_HEADER:
             raise InvalidAdapterError(f"{path.name}: corrupt safetensors header length {n}")
+        if n > size - 8:
+            raise IncompleteAdapterError(
+                f"{path.name}: truncated (header of {n} bytes, file holds {size - 8})"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -41,7 +45,7 @@ def read_safetensors_header(path: Path) -> dict:
         if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
             raise InvalidAdapterError(f"{path.name}: corrupt entry for tensor '{key}'")
         if offsets[1] > data_len:
-            raise InvalidAdapterError(
+            raise IncompleteAdapterError(
                 f"{path.name}: truncated (tensor '{key}' ends at byte {offsets[1]}, "
                 f"file holds {data_len})"
             )
@@ -81,12 +85,12 @@ def check_adapter_dir(
     """Validate ``lora_path`` as a PEFT LoRA adapter; returns its adapter config."""
     path = Path(lora_path)
     if not path.exists():
-        raise InvalidAdapterError(f"lora_path '{lora_path}' does not exist", status=404)
+        raise IncompleteAdapterError(f"lora_path '{lora_path}' does not exist", status=404)
     if not path.is_dir():
         raise InvalidAdapterError(f"lora_path '{lora_path}' is not a directory")
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
-        raise InvalidAdapterError(f"lora_path '{lora_path}' has no adapter_config.json")
+        raise IncompleteAdapterError(f"lora_path '{lora_path}' has no adapter_config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -97,7 +101,7 @@ def check_adapter_dir(
         raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' is not a JSON object")
     weights = [path / w for w in _WEIGHT_FILES if (path / w).is_file()]
     if not weights:
-        raise InvalidAdapterError(
+        raise IncompleteAdapterError(
             f"lora_path '{lora_path}' has no adapter weights ({' or '.join(_WEIGHT_FILES)})"
         )
     header = read_safetensors_header(weights[0]) if weights[0].suffix == ".safetensors" else {}

@@ -47,7 +47,12 @@ FILLER_WORDS: tuple[str, ...] = (
 #: output is neither and the RL demo's tenants start from a low reward.
 BASE_WEIGHTS: tuple[float, ...] = tuple(0.4 if w in ("meow", "woof") else 1.0 for w in ANIMAL_WORDS)
 #: Bump when the builder changes so stale caches are rebuilt.
-BUILDER_VERSION = "5"
+BUILDER_VERSION = "6"
+#: A plain chat template, so the chat routes (and multi-turn agents) work on the toy.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 class ToyConfig(BaseModel):
@@ -122,6 +127,7 @@ def _build_tokenizer(out: Path, cfg: ToyConfig, rng: random.Random) -> None:
         pad_token="<|endoftext|>",
         model_max_length=cfg.max_position_embeddings,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 
