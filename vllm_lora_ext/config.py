@@ -85,6 +85,12 @@ class LoraExtConfig(BaseSettings):
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest request body of a /skyrl/v1 route."
     )
+    manage_vllm_lora_routes: bool = Field(
+        default=True,
+        description="Put vLLM's own /v1/load_lora_adapter, /v1/unload_lora_adapter and "
+        "LoRA resolvers through the extension (new names become managed, in-place reloads "
+        "new versions). False leaves them stock: such adapters bypass the extension.",
+    )
     lora_id_base: int = Field(
         default=1_000_000,
         ge=1,

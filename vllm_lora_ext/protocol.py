@@ -75,6 +75,12 @@ class LoadLoraResponse(BaseModel):
     interrupted: int = Field(description="Requests stopped by 'interrupt'.")
     add_lora_ms: float = Field(description="The engine's add_lora time alone.")
     latency_ms: float = Field(description="The whole load: checks, staging, add_lora, commit.")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Where the time went: checks (before the name's lock), lock (waiting "
+        "for an earlier load of the name), step (waiting for and verifying a broadcast "
+        "step), stage (the staged copy, checked), add_lora (the engine), commit.",
+    )
 
 
 class UnloadLoraRequest(_Body):

@@ -5,11 +5,19 @@ server's watcher (``--watch watched=<root>``) swapping steps in by itself."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 from engine_helpers import PROMPT, complete, loras, post, words
 
-from vllm_lora_ext.broadcast import RetentionConfig, clean, publish, step_dir
+from vllm_lora_ext.broadcast import (
+    MANIFEST,
+    RetentionConfig,
+    clean,
+    publish,
+    sha256_of,
+    step_dir,
+)
 from vllm_lora_ext.client import RemoteInferenceClient, RetryPolicy
 
 STEPS = 50
@@ -22,8 +30,16 @@ async def test_incomplete_or_corrupt_steps_are_refused_and_old_version_serves(
     first = publish(toy.adapters["meow"], root, 1)
     v1 = await post(client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(first.path)})
     try:
-        unsealed = step_dir(root, 2)  # files there, no sentinel: a publisher mid-way
+        unsealed = step_dir(root, 2)  # files and manifest, no sentinel: a publisher mid-way
         shutil.copytree(toy.adapters["woof"], unsealed)
+        manifest = {
+            "step": 2,
+            "files": {
+                f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)}
+                for f in unsealed.iterdir()
+            },
+        }
+        (unsealed / MANIFEST).write_text(json.dumps(manifest))
         err = await post(
             client, "load_lora_adapter", {"lora_name": "bc", "lora_path": str(unsealed)}, 425
         )

@@ -50,6 +50,8 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
         "VLLM_PLUGINS": "lora_ext",
         "LORA_EXT_ADMIN_KEY": "sekret",
         "LORA_EXT_LORA_ROOTS": json.dumps([str(toy.root), str(allowed)]),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_SERVER_DEV_MODE": "1",
     }
     server = start_server(stock_vllm_cmd(toy, port), port, tmp_path / "stock.log", env)
     try:
@@ -81,8 +83,20 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
                 headers={**auth, "content-type": "application/json"},
             )
             assert big.status_code == 413
-            # vLLM's own routes are not behind our token.
+            # vLLM's generation routes are not behind our token; its control routes are,
+            # and its LoRA routes go through the extension.
             assert c.get("/v1/models").status_code == 200
+            load = {"lora_name": "v1name", "lora_path": str(toy.adapters["meow"])}
+            for path, body in (("/v1/load_lora_adapter", load), ("/pause", None)):
+                r = c.post(path, json=body)
+                assert r.status_code == 401, (path, r.text)
+            assert c.post("/v1/load_lora_adapter", json=load, headers=auth).status_code == 200
+            names = {
+                a["lora_name"] for a in c.get("/skyrl/v1/loras", headers=auth).json()["adapters"]
+            }
+            assert "v1name" in names
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "v1name"}, headers=auth)
+            assert r.status_code == 200, r.text
         log = (tmp_path / "stock.log").read_text()
         assert '"event": "lora_ext.control", "action": "pause"' in log and '"status": 401' in log
     finally:

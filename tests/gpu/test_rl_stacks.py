@@ -328,3 +328,42 @@ async def test_streamed_token_in_token_out_is_attributed(client):
     state = (await loras(client))["woof"]
     assert version == str(state["version"]) and tokens == 12
     assert spans == [{"version": state["version"], "start": 0, "end": 12}]
+
+
+async def test_token_in_token_out_on_a_paused_and_an_aborted_adapter(client):
+    """/inference/v1/generate goes through the gate: held while its adapter is paused,
+    ended by abort_lora_requests, and another adapter's requests never notice."""
+    prompt_ids = await tokenize(client, PROMPT)
+
+    def body(model: str, max_tokens: int) -> dict:
+        return {
+            "model": model,
+            "token_ids": prompt_ids,
+            "sampling_params": {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True},
+        }
+
+    await post(client, "pause", {"lora_name": "meow", "mode": "keep"})
+    try:
+        held = asyncio.create_task(client.post("/inference/v1/generate", json=body("meow", 8)))
+        async with asyncio.timeout(10):
+            while (await loras(client))["meow"]["held"] != 1:  # noqa: ASYNC110 (remote)
+                await asyncio.sleep(0.05)
+        other = await client.post("/inference/v1/generate", json=body("woof", 8))
+        assert other.status_code == 200 and len(other.json()["choices"][0]["token_ids"]) == 8
+        assert not held.done()
+    finally:
+        await post(client, "resume", {"lora_name": "meow"})
+    r = await asyncio.wait_for(held, 60)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 8
+
+    running = asyncio.create_task(client.post("/inference/v1/generate", json=body("meow", LONG)))
+    bystander = asyncio.create_task(client.post("/inference/v1/generate", json=body("woof", 400)))
+    await wait_in_flight(client, "meow", 1)
+    await wait_in_flight(client, "woof", 1)
+    await asyncio.sleep(0.3)
+    aborted = await post(client, "abort_lora_requests", {"lora_name": "meow"})
+    assert aborted["aborted"] == 1
+    choice = (await asyncio.wait_for(running, 60)).json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and 0 < len(choice["token_ids"]) < LONG
+    other = (await asyncio.wait_for(bystander, 60)).json()["choices"][0]
+    assert other["finish_reason"] == "length" and len(other["token_ids"]) == 400

@@ -152,3 +152,34 @@ def test_fuzz_control_routes_never_5xx_or_hang(op, tmp_path_factory):
         runner.run(client.aclose())
         runner.run(manager.shutdown())
         runner.close()
+
+
+async def test_vllm_control_routes_need_the_admin_token():
+    """vLLM's own control routes (LoRA load/unload, dev-mode pause/resume/abort) answer
+    401 in vLLM's error format without the admin key; its other routes are untouched."""
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from vllm_lora_ext.server.auth import VllmControlGuard
+
+    async def ok(request):
+        return JSONResponse({"ok": True})
+
+    paths = ["/pause", "/resume", "/abort_requests", "/v1/load_lora_adapter", "/v1/completions"]
+    app = Starlette(
+        routes=[Route(p, ok, methods=["POST"]) for p in paths],
+        middleware=[Middleware(VllmControlGuard)],
+    )
+    app.state.lora_ext = SimpleNamespace(config=SimpleNamespace(admin_key=SecretStr("k")))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for path in paths[:-1]:
+            r = await c.post(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == 401, path
+            assert (await c.post(path, headers={"Authorization": "Bearer k"})).status_code == 200
+        assert (await c.post("/v1/completions")).status_code == 200

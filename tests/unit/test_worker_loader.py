@@ -45,17 +45,19 @@ def test_keeps_nothing_per_tensor(tmp_path):
         with SafetensorsFile(path) as f:
             {k: f.get_tensor(k) for k in f.keys()}
 
-    for _ in range(50):
+    # torch's own caches take a few KB over the first thousand reads and then stop
+    # growing: warm them, then count what 2000 more reads keep.
+    for _ in range(1000):
         cycle()
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for _ in range(1000):
+    for _ in range(2000):
         cycle()
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    assert grown < 20_000  # safetensors' own reader keeps ~220 KB here (4 tensors x 1000)
+    assert grown < 20_000  # safetensors' own reader keeps ~440 KB here (4 tensors x 2000)
 
 
 def test_installs_only_when_asked(monkeypatch):

@@ -27,9 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_lora_ext.server.continuation import Sample, Span
 
 VERSION_HEADER = "x-lora-version"
-ATTRIBUTED_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"}
-)
+ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"})
 
 
 @dataclass

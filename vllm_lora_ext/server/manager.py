@@ -40,6 +40,24 @@ class Loaded:
     version: Version
     interrupted: int
     latency_ms: float
+    timings_ms: dict[str, float]
+
+
+class _Laps:
+    """Where a load's time went: each lap from the previous mark, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(self.laps.get(name, 0.0) + 1000 * (now - self._last), 3)
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return 1000 * (time.monotonic() - self.started)
 
 
 class _NameLocks:
@@ -77,7 +95,11 @@ class LoraManager:
         self.model_modules = model_module_names(engine.model_config.model)
         self.staging = Staging(config, self._check)
         self.watcher = Watcher(self.load, config.watch, config.watch_interval_s)
-        self.vllm_hooks = ServingModelsHooks(self, serving_models) if serving_models else None
+        self.vllm_hooks = (
+            ServingModelsHooks(self, serving_models)
+            if serving_models is not None and config.manage_vllm_lora_routes
+            else None
+        )
         self._locks = _NameLocks()
         self._resolving = _NameLocks()
         self._removals: set[asyncio.Task] = set()
@@ -167,6 +189,7 @@ class LoraManager:
     ) -> Loaded:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
+        laps = _Laps()
         try:
             await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
             kind = await asyncio.to_thread(broadcast.step_kind, path)
@@ -174,23 +197,26 @@ class LoraManager:
                 await asyncio.to_thread(self._check, path)
         except OSError as e:  # e.g. a name too long for the filesystem: bad input, not a 500
             raise InvalidAdapterError(f"cannot inspect lora_path '{path}': {e.strerror}") from e
+        laps.lap("checks")
         async with self._locks.hold(name):
-            started = time.monotonic()
+            laps.lap("lock")
             version = self.registry.new_version(name, path, number)
             version.is_3d_lora_weight = is_3d_lora_weight
             added = False
             staging: asyncio.Future[str] | None = None
             try:
                 manifest = await self.staging.await_step(version) if kind != "plain" else None
+                laps.lap("step")
                 staging = asyncio.ensure_future(
                     asyncio.to_thread(self.staging.stage, version, manifest)
                 )
                 # Shielded: a cancelled load still learns where its copy went.
                 version.load_path = await asyncio.shield(staging)
-                t_add = time.monotonic()
+                laps.lap("stage")
                 added = True
                 await self.engine.add_lora(lora_request_of(version))
-                version.add_lora_ms = 1000 * (time.monotonic() - t_add)
+                laps.lap("add_lora")
+                version.add_lora_ms = laps.laps["add_lora"]
             except BaseException as e:  # refused, failed or cancelled: nothing changes
                 if staging is not None and version.load_path == version.path:
                     with contextlib.suppress(BaseException):
@@ -211,7 +237,8 @@ class LoraManager:
             interrupted = 0
             if interrupt is not None:
                 interrupted = await self.gate.stop(self.registry.older_flights(name), interrupt)
-            latency_ms = 1000 * (time.monotonic() - started)
+            laps.lap("commit")
+            latency_ms = laps.total_ms
             logger.info(
                 "lora_ext load name=%s version=%d path=%s interrupt=%s interrupted=%d "
                 "add_lora_ms=%.1f latency_ms=%.1f",
@@ -224,7 +251,7 @@ class LoraManager:
                 latency_ms,
             )
         self._settle(name)
-        return Loaded(version, interrupted, latency_ms)
+        return Loaded(version, interrupted, latency_ms, laps.laps)
 
     async def pin(self, name: str, number: int, pinned: bool) -> Version:
         """Keep ``name@number`` resident whatever the window, or release that pin."""

@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.attribution import AttributionMiddleware
+from vllm_lora_ext.server.auth import VllmControlGuard
 from vllm_lora_ext.server.manager import LoraManager
 from vllm_lora_ext.server.routes import router
 from vllm_lora_ext.server.vllm_api import take_over_abort_route
@@ -37,6 +38,7 @@ class LoraExtPlugin:
             # add_middleware); registering and dropping the built stack rebuilds it on
             # the first request, before any is served.
             app.user_middleware.insert(0, Middleware(AttributionMiddleware))
+            app.user_middleware.insert(0, Middleware(VllmControlGuard))
             app.middleware_stack = None
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:

@@ -9,7 +9,6 @@ anything else, and every control action is logged as one JSON line.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from vllm_lora_ext.protocol import (
     UnloadLoraResponse,
     error_body,
 )
+from vllm_lora_ext.server.auth import MISSING, token_ok
 from vllm_lora_ext.server.manager import LoraManager
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -58,14 +58,8 @@ async def _guard(request: Request) -> None:
     manager = getattr(request.app.state, "lora_ext", None)
     if manager is None:
         raise LoraExtError("lora_ext is not initialised on this server", status=503)
-    key = manager.config.admin_key
-    if key is not None:
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.encode(), key.get_secret_value().encode()
-        ):
-            raise UnauthorizedError("missing or wrong admin token (Authorization: Bearer ...)")
+    if not token_ok(request.headers.get("authorization"), manager.config.admin_key):
+        raise UnauthorizedError(MISSING)
     limit = manager.config.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -186,6 +180,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLora
         interrupted=loaded.interrupted,
         add_lora_ms=round(version.add_lora_ms, 3),
         latency_ms=round(loaded.latency_ms, 3),
+        timings_ms=loaded.timings_ms,
     )
 
 

@@ -136,6 +136,14 @@ def lora_ext_cmd(toy: ToyAssets, port: int) -> list[str]:
     return [sys.executable, "-m", "vllm_lora_ext", "serve", *server_args(toy, port)]
 
 
+def lora_ext_cmd_args(args: list[str], port: int) -> list[str]:
+    """Our CLI server with any vLLM arguments, on loopback at ``port``."""
+    return [
+        sys.executable, "-m", "vllm_lora_ext", "serve", *args,
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
 def stock_vllm_cmd(toy: ToyAssets, port: int) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *server_args(toy, port)]
 

@@ -1,0 +1,455 @@
+"""Swap cost at real adapter sizes, ours against stock vLLM's in-place reload, one server.
+
+Usage: ``.venv/bin/python bench/swap_cost.py [--ranks 16,64,256] [--swaps 5] [--bf16]
+[--record bench/RESULTS.md] [--chart bench/swap_cost.png]``; the same on CUDA (``./dev``
+installs the CUDA build there; pass ``--device-args`` for more vLLM flags).
+
+The model is a 2-layer slice shaped like an 8B Llama (hidden 4096, intermediate 11008,
+32/8 heads, random weights); the adapters are LoRAs of rank 16 / 64 / 256 on q, k, v, o,
+gate, up, down (fp32: 9 / 37 / 147 MB; ``--bf16`` adds bf16 ones). Each swap is written
+to a fresh directory first, as a trainer writes a fresh checkpoint every step (a reused
+directory hides costs). Per size and swap, alternating which goes first:
+
+- ours: ``POST /skyrl/v1/load_lora_adapter`` (staged copy, own version), answered, then
+  a 1-token completion on it: load -> first token on the new version;
+- stock: ``POST /v1/load_lora_adapter`` with ``load_inplace`` on the same server (the
+  extension leaves vLLM's route stock here: ``LORA_EXT_MANAGE_VLLM_LORA_ROUTES=false``);
+- bare ``add_lora``: the engine's own time, from our answer's ``add_lora_ms``;
+- the split of our time (checks, stage, add_lora, commit) from ``timings_ms``.
+
+Then: another tenant's inter-token gap p99 while 147 MB swaps run back to back, over the
+same without swaps; and a server-side ``keep`` continuation's cost (prompt tokens
+recomputed, time to the first continued token) on the same version and on a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import io
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from vllm_lora_ext.toy.assets import build_toy_assets
+from vllm_lora_ext.toy.server import free_port, lora_ext_cmd_args, start_server
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 4096, 11008, 32, 8, 2
+MODULES = {
+    "q_proj": ("self_attn", HIDDEN, HIDDEN),
+    "k_proj": ("self_attn", HIDDEN, HIDDEN * KV_HEADS // HEADS),
+    "v_proj": ("self_attn", HIDDEN, HIDDEN * KV_HEADS // HEADS),
+    "o_proj": ("self_attn", HIDDEN, HIDDEN),
+    "gate_proj": ("mlp", HIDDEN, INTER),
+    "up_proj": ("mlp", HIDDEN, INTER),
+    "down_proj": ("mlp", INTER, HIDDEN),
+}
+PROMPT = "the cat says hello"
+
+
+def build_model(work: Path) -> Path:
+    """The 8B-shaped slice, random weights, the toy tokenizer (cached in ``work``)."""
+    out = work / "model"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    toy = build_toy_assets()
+    tmp = work / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in toy.model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, tmp / f.name)
+    vocab = json.loads((toy.model / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
+
+
+def build_adapter(dest: Path, rank: int, dtype: str, model: Path) -> int:
+    """A PEFT LoRA of ``rank`` on every linear layer; returns its weight bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(rank)
+    tensors = {}
+    for layer in range(LAYERS):
+        for name, (block, n_in, n_out) in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
+            b = torch.randn(n_out, rank, generator=gen) * 0.01
+            tensors[f"{key}.lora_A.weight"] = a.to(getattr(torch, dtype))
+            tensors[f"{key}.lora_B.weight"] = b.to(getattr(torch, dtype))
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / "adapter_model.safetensors"))
+    (dest / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "r": rank,
+                "lora_alpha": rank,
+                "target_modules": list(MODULES),
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": str(model),
+            }
+        )
+    )
+    return (dest / "adapter_model.safetensors").stat().st_size
+
+
+def fresh_copy(template: Path, dest: Path) -> Path:
+    """What a trainer does every step: a new directory, freshly written files."""
+    dest.mkdir(parents=True)
+    for f in template.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+async def first_token_ms(c: httpx.AsyncClient, model: str) -> float:
+    started = time.monotonic()
+    r = await c.post(
+        "/v1/completions",
+        json={"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0},
+    )
+    r.raise_for_status()
+    return 1000 * (time.monotonic() - started)
+
+
+async def swap_ours(c, name: str, path: Path) -> dict:
+    started = time.monotonic()
+    r = await c.post(
+        "/skyrl/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
+    )
+    r.raise_for_status()
+    answered = 1000 * (time.monotonic() - started)
+    first = await first_token_ms(c, name)
+    body = r.json()
+    return {
+        "answered": answered,
+        "first_token": answered + first,
+        "add_lora": body["add_lora_ms"],
+        "timings": body["timings_ms"],
+    }
+
+
+async def swap_stock(c, name: str, path: Path, first: bool) -> dict:
+    started = time.monotonic()
+    r = await c.post(
+        "/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(path), "load_inplace": not first},
+    )
+    r.raise_for_status()
+    answered = 1000 * (time.monotonic() - started)
+    return {"answered": answered, "first_token": answered + await first_token_ms(c, name)}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+async def measure_sizes(url: str, work: Path, adapters: dict[str, tuple[Path, int]], swaps: int):
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        for label, (template, size) in adapters.items():
+            ours_name, stock_name = f"ours-{label}", f"stock-{label}"
+            # Warm both names once (first activation of a rank costs extra everywhere).
+            await swap_ours(c, ours_name, fresh_copy(template, work / f"w-{label}-o"))
+            await swap_stock(c, stock_name, fresh_copy(template, work / f"w-{label}-s"), True)
+            ours, stock = [], []
+            for i in range(swaps):
+                d_o = fresh_copy(template, work / f"{label}-o{i}")
+                d_s = fresh_copy(template, work / f"{label}-s{i}")
+                if i % 2:
+                    stock.append(await swap_stock(c, stock_name, d_s, False))
+                    ours.append(await swap_ours(c, ours_name, d_o))
+                else:
+                    ours.append(await swap_ours(c, ours_name, d_o))
+                    stock.append(await swap_stock(c, stock_name, d_s, False))
+            split = {
+                k: median([o["timings"].get(k, 0.0) for o in ours])
+                for k in ("checks", "lock", "step", "stage", "add_lora", "commit")
+            }
+            rows.append(
+                {
+                    "adapter": label,
+                    "mb": size / 1e6,
+                    "ours_answered": median([o["answered"] for o in ours]),
+                    "ours_first": median([o["first_token"] for o in ours]),
+                    "stock_answered": median([s["answered"] for s in stock]),
+                    "stock_first": median([s["first_token"] for s in stock]),
+                    "add_lora": median([o["add_lora"] for o in ours]),
+                    "split": split,
+                }
+            )
+            for name in (ours_name,):
+                await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": name})
+            await c.post("/v1/unload_lora_adapter", json={"lora_name": stock_name})
+    return rows
+
+
+async def gaps_ms(c: httpx.AsyncClient, model: str, tokens: int) -> list[float]:
+    """Inter-token gaps of one streamed request."""
+    stamps: list[float] = []
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+            await asyncio.sleep(0)
+    return [1000 * (b - a) for a, b in itertools.pairwise(stamps)]
+
+
+def p99(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[98] if len(xs) > 2 else float("nan")
+
+
+async def measure_stall(url: str, work: Path, big: Path, small: Path, tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        await swap_ours(c, "bystander", fresh_copy(small, work / "by"))
+        await swap_ours(c, "swapped", fresh_copy(big, work / "sw0"))
+        quiet = await gaps_ms(c, "bystander", tokens)
+        stop = asyncio.Event()
+        swaps = 0
+
+        async def swapper() -> None:
+            nonlocal swaps
+            while not stop.is_set():
+                d = await asyncio.to_thread(fresh_copy, big, work / f"sw{swaps + 1}")
+                await swap_ours(c, "swapped", d)
+                swaps += 1
+
+        task = asyncio.create_task(swapper())
+        try:
+            busy = await gaps_ms(c, "bystander", tokens)
+        finally:
+            stop.set()
+            await task
+        for n in ("bystander", "swapped"):
+            await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": n})
+    return {"quiet_p99": p99(quiet), "busy_p99": p99(busy), "swaps": swaps, "tokens": tokens}
+
+
+async def prefix_counters(c: httpx.AsyncClient) -> tuple[float, float]:
+    text = (await c.get("/metrics")).text
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+
+    return total("vllm:prefix_cache_queries_total"), total("vllm:prefix_cache_hits_total")
+
+
+async def stream_stamps(
+    c: httpx.AsyncClient,
+    model: str,
+    prompt: str,
+    tokens: int,
+    stamps: list[float],
+    started: asyncio.Event,
+) -> None:
+    """Stream one request, stamping each chunk; ``started`` once 8 chunks arrived."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+                if len(stamps) >= 8:
+                    started.set()
+
+
+async def measure_continuation(url: str, work: Path, adapter: Path, other: Path) -> list[dict]:
+    """A long request stopped by keep and resumed, on its version and on a new one."""
+    out = []
+    prompt = " ".join(["the cat says hello to the dog"] * 24)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        await swap_ours(c, "cont", fresh_copy(adapter, work / "c0"))
+        for case, new_path in (("same version", None), ("new version", other)):
+            stamps: list[float] = []
+            started = asyncio.Event()
+            task = asyncio.create_task(stream_stamps(c, "cont", prompt, 64, stamps, started))
+            await asyncio.wait_for(started.wait(), 120)
+            await c.post("/skyrl/v1/pause", json={"lora_name": "cont", "mode": "keep"})
+            await asyncio.sleep(0.5)
+            seen = len(stamps)
+            if new_path is not None:
+                await swap_ours(c, "cont", fresh_copy(new_path, work / "c1"))
+            counters = await prefix_counters(c)
+            resumed_at = time.monotonic()
+            await c.post("/skyrl/v1/resume", json={"lora_name": "cont"})
+            await task
+            after = await prefix_counters(c)
+            queried = after[0] - counters[0]
+            hit = after[1] - counters[1]
+            first = next((s for s in stamps[seen:] if s > resumed_at), None)
+            out.append(
+                {
+                    "case": case,
+                    "recomputed": queried - hit,
+                    "cached": hit,
+                    "first_ms": 1000 * (first - resumed_at) if first else float("nan"),
+                }
+            )
+        await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": "cont"})
+    return out
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["mb"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, [r["ours_first"] for r in rows], "o-", label="ours: load -> first token")
+    ax.plot(
+        xs, [r["stock_first"] for r in rows], "s--", label="stock in-place: load -> first token"
+    )
+    ax.plot(xs, [r["ours_answered"] for r in rows], "o:", label="ours: load answered")
+    ax.plot(xs, [r["add_lora"] for r in rows], "x:", label="bare add_lora")
+    for r in rows:
+        ax.annotate(
+            r["adapter"], (r["mb"], r["ours_first"]), textcoords="offset points", xytext=(4, 6)
+        )
+    ax.set_xlabel("adapter size (MB)")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("LoRA swap cost by adapter size (8B-shaped 2-layer slice)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", default="16,64,256")
+    parser.add_argument("--swaps", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="also a bf16 adapter of the top rank")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "swap_cost")
+    parser.add_argument("--record", type=Path, default=None)
+    parser.add_argument("--chart", type=Path, default=None)
+    parser.add_argument("--stall-tokens", type=int, default=120)
+    parser.add_argument("--device-args", default="", help="more vLLM server arguments")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    with console.status("building the 8B-shaped slice and its adapters"):
+        model = build_model(args.work)
+        ranks = [int(r) for r in args.ranks.split(",")]
+        adapters: dict[str, tuple[Path, int]] = {}
+        for rank in ranks:
+            d = args.work / f"adapter-r{rank}-f32"
+            adapters[f"r{rank} fp32"] = (d, build_adapter(d, rank, "float32", model))
+        if args.bf16:
+            d = args.work / f"adapter-r{ranks[-1]}-bf16"
+            adapters[f"r{ranks[-1]} bf16"] = (d, build_adapter(d, ranks[-1], "bfloat16", model))
+    runs = args.work / f"runs-{os.getpid()}"
+    port = free_port()
+    cmd = lora_ext_cmd_args(
+        [
+            "--model", str(model), "--served-model-name", "slice", "--enable-lora",
+            "--max-lora-rank", str(max(ranks)), "--max-loras", "4", "--max-cpu-loras", "8",
+            "--max-model-len", "512", "--max-num-seqs", "8", "--dtype", "float32",
+            "--kv-cache-memory-bytes", str(256 * 1024 * 1024), "--enable-prefix-caching",
+            "--allow-runtime-lora-updating", *args.device_args.split(),
+        ],
+        port,
+    )  # fmt: skip
+    env = {"LORA_EXT_MANAGE_VLLM_LORA_ROUTES": "false", "LORA_EXT_KEEP_VERSIONS": "2"}
+    server = start_server(cmd, port, args.work / "server.log", env)
+    try:
+        rows = asyncio.run(measure_sizes(server.url, runs, adapters, args.swaps))
+        big = adapters[f"r{ranks[-1]} fp32"][0]
+        small = adapters[f"r{ranks[0]} fp32"][0]
+        stall = asyncio.run(measure_stall(server.url, runs, big, small, args.stall_tokens))
+        cont = asyncio.run(measure_continuation(server.url, runs, big, small))
+    finally:
+        server.stop()
+        shutil.rmtree(runs, ignore_errors=True)
+    table = Table(
+        title=f"swap cost, {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores"
+    )
+    for col in (
+        "adapter", "MB", "ours answered", "ours -> 1st token", "stock answered",
+        "stock -> 1st token", "ratio", "add_lora", "our split (checks/stage/add/commit)",
+    ):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        s = r["split"]
+        table.add_row(
+            r["adapter"],
+            f"{r['mb']:.0f}",
+            f"{r['ours_answered']:.0f}",
+            f"{r['ours_first']:.0f}",
+            f"{r['stock_answered']:.0f}",
+            f"{r['stock_first']:.0f}",
+            f"{r['ours_first'] / r['stock_first']:.2f}",
+            f"{r['add_lora']:.0f}",
+            f"{s['checks']:.0f}/{s['stage']:.0f}/{s['add_lora']:.0f}/{s['commit']:.0f}",
+        )
+    table.caption = (
+        f"ms, median of {args.swaps} swaps each, fresh directory per swap. Another tenant's "
+        f"inter-token gap p99 while {stall['swaps']} {ranks[-1]}-rank swaps ran: "
+        f"{stall['busy_p99']:.0f} ms, without: {stall['quiet_p99']:.0f} ms "
+        f"(ratio {stall['busy_p99'] / stall['quiet_p99']:.2f}). keep continuation: "
+        + "; ".join(
+            f"{c['case']}: {c['recomputed']:.0f} prompt tokens recomputed "
+            f"({c['cached']:.0f} cached), first continued token {c['first_ms']:.0f} ms"
+            for c in cont
+        )
+    )
+    console.print(table)
+    if args.chart:
+        chart(rows, args.chart)
+    if args.record:
+        rec = Console(width=150, record=True, file=io.StringIO())
+        rec.print(table)
+        with args.record.open("a") as f:
+            f.write(f"\n## swap cost, {dt.datetime.now().isoformat(timespec='minutes')}\n\n")
+            if args.chart:
+                f.write(f"![swap cost by adapter size]({args.chart.name})\n\n")
+            f.write("```\n" + rec.export_text() + "```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
