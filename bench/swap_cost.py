@@ -43,6 +43,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from vllm_lora_ext import broadcast
 from vllm_lora_ext.toy.assets import build_toy_assets
 from vllm_lora_ext.toy.server import free_port, lora_ext_cmd_args, start_server
 
@@ -141,15 +142,19 @@ async def first_token_ms(c: httpx.AsyncClient, model: str) -> float:
     return 1000 * (time.monotonic() - started)
 
 
-async def swap_ours(c, name: str, path: Path) -> dict:
+async def load_ours(c, name: str, path: Path) -> tuple[float, dict]:
+    """Our load: (ms until answered, the answer)."""
     started = time.monotonic()
     r = await c.post(
         "/skyrl/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
     )
     r.raise_for_status()
-    answered = 1000 * (time.monotonic() - started)
+    return 1000 * (time.monotonic() - started), r.json()
+
+
+async def swap_ours(c, name: str, path: Path) -> dict:
+    answered, body = await load_ours(c, name, path)
     first = await first_token_ms(c, name)
-    body = r.json()
     return {
         "answered": answered,
         "first_token": answered + first,
@@ -173,43 +178,48 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-async def measure_sizes(url: str, work: Path, adapters: dict[str, tuple[Path, int]], swaps: int):
+async def measure_sizes(
+    url: str, work: Path, shm: Path, adapters: dict[str, tuple[Path, int]], swaps: int
+) -> list[dict]:
+    """Per size: ours from a fresh plain directory (copied), ours from a fresh broadcast
+    step in a RAM root (hard-linked, hash-verified), stock in-place; rotating order."""
     rows = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         for label, (template, size) in adapters.items():
-            ours_name, stock_name = f"ours-{label}", f"stock-{label}"
-            # Warm both names once (first activation of a rank costs extra everywhere).
-            await swap_ours(c, ours_name, fresh_copy(template, work / f"w-{label}-o"))
-            await swap_stock(c, stock_name, fresh_copy(template, work / f"w-{label}-s"), True)
-            ours, stock = [], []
+            names = {k: f"{k}-{label}" for k in ("ours", "bcast", "stock")}
+            tag = label.replace(" ", "-")
+            # Warm each name once (first activation of a rank costs extra everywhere).
+            await swap_ours(c, names["ours"], fresh_copy(template, work / f"w-{tag}-o"))
+            step = broadcast.publish(template, shm / tag, 0).path
+            await swap_ours(c, names["bcast"], step)
+            await swap_stock(c, names["stock"], fresh_copy(template, work / f"w-{tag}-s"), True)
+            got: dict[str, list[dict]] = {k: [] for k in names}
             for i in range(swaps):
-                d_o = fresh_copy(template, work / f"{label}-o{i}")
-                d_s = fresh_copy(template, work / f"{label}-s{i}")
-                if i % 2:
-                    stock.append(await swap_stock(c, stock_name, d_s, False))
-                    ours.append(await swap_ours(c, ours_name, d_o))
-                else:
-                    ours.append(await swap_ours(c, ours_name, d_o))
-                    stock.append(await swap_stock(c, stock_name, d_s, False))
-            split = {
-                k: median([o["timings"].get(k, 0.0) for o in ours])
-                for k in ("checks", "lock", "step", "stage", "add_lora", "commit")
-            }
-            rows.append(
-                {
-                    "adapter": label,
-                    "mb": size / 1e6,
-                    "ours_answered": median([o["answered"] for o in ours]),
-                    "ours_first": median([o["first_token"] for o in ours]),
-                    "stock_answered": median([s["answered"] for s in stock]),
-                    "stock_first": median([s["first_token"] for s in stock]),
-                    "add_lora": median([o["add_lora"] for o in ours]),
-                    "split": split,
+                plain = fresh_copy(template, work / f"{tag}-o{i}")
+                published = broadcast.publish(template, shm / tag, i + 1).path
+                stock_dir = fresh_copy(template, work / f"{tag}-s{i}")
+                dirs = {"ours": plain, "bcast": published, "stock": stock_dir}
+                order = list(dirs)
+                for k in order[i % 3 :] + order[: i % 3]:
+                    if k == "stock":
+                        got[k].append(await swap_stock(c, names[k], dirs[k], False))
+                    else:
+                        got[k].append(await swap_ours(c, names[k], dirs[k]))
+                broadcast.clean(shm / tag, i + 1, broadcast.RetentionConfig(max_async_level=1))
+            row = {"adapter": label, "mb": size / 1e6}
+            for k, xs in got.items():
+                row[f"{k}_answered"] = median([x["answered"] for x in xs])
+                row[f"{k}_first"] = median([x["first_token"] for x in xs])
+            for k in ("ours", "bcast"):
+                row[f"{k}_split"] = {
+                    lap: median([x["timings"].get(lap, 0.0) for x in got[k]])
+                    for lap in ("checks", "lock", "step", "stage", "add_lora", "commit")
                 }
-            )
-            for name in (ours_name,):
-                await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": name})
-            await c.post("/v1/unload_lora_adapter", json={"lora_name": stock_name})
+            rows.append(row)
+            for k in ("ours", "bcast"):
+                await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": names[k]})
+            await c.post("/v1/unload_lora_adapter", json={"lora_name": names["stock"]})
+            shutil.rmtree(shm / tag, ignore_errors=True)
     return rows
 
 
@@ -237,9 +247,14 @@ def p99(xs: list[float]) -> float:
 
 
 async def measure_stall(url: str, work: Path, big: Path, small: Path, tokens: int) -> dict:
+    """Another tenant's inter-token gaps while ``big`` swaps run back to back, over the
+    same without (measured before and after). The swap directories are written first
+    (fresh, one per swap): on this 2-core box a trainer writing 147 MB beside the
+    engine would measure the trainer, not the swap."""
+    dirs = [fresh_copy(big, work / f"sw{i}") for i in range(12)]
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         await swap_ours(c, "bystander", fresh_copy(small, work / "by"))
-        await swap_ours(c, "swapped", fresh_copy(big, work / "sw0"))
+        await swap_ours(c, "swapped", dirs[0])
         quiet = await gaps_ms(c, "bystander", tokens)
         stop = asyncio.Event()
         swaps = 0
@@ -247,8 +262,7 @@ async def measure_stall(url: str, work: Path, big: Path, small: Path, tokens: in
         async def swapper() -> None:
             nonlocal swaps
             while not stop.is_set():
-                d = await asyncio.to_thread(fresh_copy, big, work / f"sw{swaps + 1}")
-                await swap_ours(c, "swapped", d)
+                await load_ours(c, "swapped", dirs[1 + swaps % (len(dirs) - 1)])
                 swaps += 1
 
         task = asyncio.create_task(swapper())
@@ -257,9 +271,17 @@ async def measure_stall(url: str, work: Path, big: Path, small: Path, tokens: in
         finally:
             stop.set()
             await task
+        quiet += await gaps_ms(c, "bystander", tokens)
         for n in ("bystander", "swapped"):
             await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": n})
-    return {"quiet_p99": p99(quiet), "busy_p99": p99(busy), "swaps": swaps, "tokens": tokens}
+    return {
+        "quiet_p99": p99(quiet),
+        "busy_p99": p99(busy),
+        "quiet_p50": statistics.median(quiet),
+        "busy_p50": statistics.median(busy),
+        "swaps": swaps,
+        "tokens": tokens,
+    }
 
 
 async def prefix_counters(c: httpx.AsyncClient) -> tuple[float, float]:
@@ -278,8 +300,10 @@ async def stream_stamps(
     tokens: int,
     stamps: list[float],
     started: asyncio.Event,
+    chunk: asyncio.Event,
 ) -> None:
-    """Stream one request, stamping each chunk; ``started`` once 8 chunks arrived."""
+    """Stream one request, stamping each chunk (``chunk`` set on each); ``started`` once
+    8 chunks arrived."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -289,37 +313,58 @@ async def stream_stamps(
         "stream": True,
     }
     async with c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"stream refused: {r.status_code} {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.monotonic())
+                chunk.set()
                 if len(stamps) >= 8:
                     started.set()
 
 
 async def measure_continuation(url: str, work: Path, adapter: Path, other: Path) -> list[dict]:
-    """A long request stopped by keep and resumed, on its version and on a new one."""
+    """A long streamed request stopped by a ``keep`` pause and resumed, on its version
+    and on a new one: prompt tokens the continuation recomputed (the rest came from the
+    prefix cache) and the time from resume to its first continued token. The prompt
+    spans several KV blocks (the CPU backend's are 128 tokens)."""
     out = []
-    prompt = " ".join(["the cat says hello to the dog"] * 24)
+    prompt = " ".join(["the cat says hello to the dog"] * 48)
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         await swap_ours(c, "cont", fresh_copy(adapter, work / "c0"))
         for case, new_path in (("same version", None), ("new version", other)):
             stamps: list[float] = []
-            started = asyncio.Event()
-            task = asyncio.create_task(stream_stamps(c, "cont", prompt, 64, stamps, started))
-            await asyncio.wait_for(started.wait(), 120)
-            await c.post("/skyrl/v1/pause", json={"lora_name": "cont", "mode": "keep"})
+            started, chunk = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(
+                stream_stamps(c, "cont", prompt, 400, stamps, started, chunk)
+            )
+            waiter = asyncio.ensure_future(started.wait())
+            await asyncio.wait({task, waiter}, timeout=300, return_when="FIRST_COMPLETED")
+            waiter.cancel()
+            if task.done():
+                task.result()  # it failed (or ended before it could be paused)
+                raise RuntimeError("the request ended before it could be paused")
+            r = await c.post("/skyrl/v1/pause", json={"lora_name": "cont", "mode": "keep"})
+            if r.json().get("interrupted") != 1:
+                raise RuntimeError(f"the pause did not interrupt the request: {r.text}")
             await asyncio.sleep(0.5)
             seen = len(stamps)
-            if new_path is not None:
-                await swap_ours(c, "cont", fresh_copy(new_path, work / "c1"))
+            if new_path is not None:  # paused: a probe request would be held
+                await load_ours(c, "cont", fresh_copy(new_path, work / "c1"))
             counters = await prefix_counters(c)
+            chunk.clear()
             resumed_at = time.monotonic()
             await c.post("/skyrl/v1/resume", json={"lora_name": "cont"})
+            waiter = asyncio.ensure_future(chunk.wait())
+            await asyncio.wait({task, waiter}, timeout=300, return_when="FIRST_COMPLETED")
+            waiter.cancel()
+            first = stamps[seen] if len(stamps) > seen else None
+            await c.post("/skyrl/v1/abort_lora_requests", json={"lora_name": "cont"})
             await task
+            await asyncio.sleep(1.0)  # let the engine publish its counters
             after = await prefix_counters(c)
             queried = after[0] - counters[0]
             hit = after[1] - counters[1]
-            first = next((s for s in stamps[seen:] if s > resumed_at), None)
             out.append(
                 {
                     "case": case,
@@ -339,22 +384,25 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [r["mb"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, [r["ours_first"] for r in rows], "o-", label="ours: load -> first token")
-    ax.plot(
-        xs, [r["stock_first"] for r in rows], "s--", label="stock in-place: load -> first token"
-    )
-    ax.plot(xs, [r["ours_answered"] for r in rows], "o:", label="ours: load answered")
-    ax.plot(xs, [r["add_lora"] for r in rows], "x:", label="bare add_lora")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for key, style, label in (
+        ("stock_first", "s--", "stock in-place: load -> first token"),
+        ("ours_first", "o-", "ours, plain dir: load -> first token"),
+        ("bcast_first", "^-", "ours, broadcast step: load -> first token"),
+        ("stock_answered", "s:", "stock: load answered"),
+        ("ours_answered", "o:", "ours, plain dir: load answered"),
+        ("bcast_answered", "^:", "ours, broadcast step: load answered"),
+    ):
+        ax.plot(xs, [r[key] for r in rows], style, label=label)
     for r in rows:
         ax.annotate(
             r["adapter"], (r["mb"], r["ours_first"]), textcoords="offset points", xytext=(4, 6)
         )
     ax.set_xlabel("adapter size (MB)")
     ax.set_ylabel("ms (median)")
-    ax.set_title("LoRA swap cost by adapter size (8B-shaped 2-layer slice)")
+    ax.set_title("LoRA swap cost by adapter size (8B-shaped 2-layer slice, CPU)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -371,7 +419,7 @@ def main() -> int:
     parser.add_argument("--device-args", default="", help="more vLLM server arguments")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=160)
     with console.status("building the 8B-shaped slice and its adapters"):
         model = build_model(args.work)
         ranks = [int(r) for r in args.ranks.split(",")]
@@ -388,7 +436,7 @@ def main() -> int:
         [
             "--model", str(model), "--served-model-name", "slice", "--enable-lora",
             "--max-lora-rank", str(max(ranks)), "--max-loras", "4", "--max-cpu-loras", "8",
-            "--max-model-len", "512", "--max-num-seqs", "8", "--dtype", "float32",
+            "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", "float32",
             "--kv-cache-memory-bytes", str(256 * 1024 * 1024), "--enable-prefix-caching",
             "--allow-runtime-lora-updating", *args.device_args.split(),
         ],
@@ -397,7 +445,12 @@ def main() -> int:
     env = {"LORA_EXT_MANAGE_VLLM_LORA_ROUTES": "false", "LORA_EXT_KEEP_VERSIONS": "2"}
     server = start_server(cmd, port, args.work / "server.log", env)
     try:
-        rows = asyncio.run(measure_sizes(server.url, runs, adapters, args.swaps))
+        shm = Path(tempfile.mkdtemp(prefix="swap_cost_", dir=broadcast.ram_root().parent))
+        try:
+            rows = asyncio.run(measure_sizes(server.url, runs, shm, adapters, args.swaps))
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+        console.print_json(data=rows)
         big = adapters[f"r{ranks[-1]} fp32"][0]
         small = adapters[f"r{ranks[0]} fp32"][0]
         stall = asyncio.run(measure_stall(server.url, runs, big, small, args.stall_tokens))
@@ -409,28 +462,35 @@ def main() -> int:
         title=f"swap cost, {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores"
     )
     for col in (
-        "adapter", "MB", "ours answered", "ours -> 1st token", "stock answered",
-        "stock -> 1st token", "ratio", "add_lora", "our split (checks/stage/add/commit)",
+        "adapter", "MB", "stock answered", "stock -> 1st", "ours dir answered",
+        "ours dir -> 1st", "ratio", "ours step answered", "ours step -> 1st", "ratio",
+        "add_lora", "stage dir / step",
     ):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
-        s = r["split"]
         table.add_row(
             r["adapter"],
             f"{r['mb']:.0f}",
-            f"{r['ours_answered']:.0f}",
-            f"{r['ours_first']:.0f}",
             f"{r['stock_answered']:.0f}",
             f"{r['stock_first']:.0f}",
+            f"{r['ours_answered']:.0f}",
+            f"{r['ours_first']:.0f}",
             f"{r['ours_first'] / r['stock_first']:.2f}",
-            f"{r['add_lora']:.0f}",
-            f"{s['checks']:.0f}/{s['stage']:.0f}/{s['add_lora']:.0f}/{s['commit']:.0f}",
+            f"{r['bcast_answered']:.0f}",
+            f"{r['bcast_first']:.0f}",
+            f"{r['bcast_first'] / r['stock_first']:.2f}",
+            f"{r['ours_split']['add_lora']:.0f}",
+            f"{r['ours_split']['stage']:.0f} / {r['bcast_split']['stage']:.0f}",
         )
     table.caption = (
-        f"ms, median of {args.swaps} swaps each, fresh directory per swap. Another tenant's "
+        f"ms, median of {args.swaps} swaps each. 'dir': a fresh plain directory per swap on "
+        "disk (copied to RAM, then loaded); 'step': a fresh broadcast step per swap in a RAM "
+        "root (hard-linked, xxh3-verified). Stock in-place reloads a fresh directory. "
+        "Another tenant's "
         f"inter-token gap p99 while {stall['swaps']} {ranks[-1]}-rank swaps ran: "
         f"{stall['busy_p99']:.0f} ms, without: {stall['quiet_p99']:.0f} ms "
-        f"(ratio {stall['busy_p99'] / stall['quiet_p99']:.2f}). keep continuation: "
+        f"(ratio {stall['busy_p99'] / stall['quiet_p99']:.2f}; p50 {stall['busy_p50']:.0f} "
+        f"vs {stall['quiet_p50']:.0f} ms). keep continuation: "
         + "; ".join(
             f"{c['case']}: {c['recomputed']:.0f} prompt tokens recomputed "
             f"({c['cached']:.0f} cached), first continued token {c['first_ms']:.0f} ms"
@@ -441,7 +501,7 @@ def main() -> int:
     if args.chart:
         chart(rows, args.chart)
     if args.record:
-        rec = Console(width=150, record=True, file=io.StringIO())
+        rec = Console(width=190, record=True, file=io.StringIO())
         rec.print(table)
         with args.record.open("a") as f:
             f.write(f"\n## swap cost, {dt.datetime.now().isoformat(timespec='minutes')}\n\n")

@@ -53,6 +53,7 @@ class LoraServer:
         if self.url is not None:
             return self.url
         args = parse_server_args(server_args)
+        args.host = host  # what the launch check and vLLM's app see
         apply_launch_flags(args)
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]

@@ -77,6 +77,12 @@ class LoraExtConfig(BaseSettings):
         description="Bearer token the /skyrl/v1 routes require (separate from vLLM's "
         "--api-key); unset: no token needed. CLI: --lora-admin-key.",
     )
+    allow_open_bind: bool = Field(
+        default=False,
+        description="Serve on an address beyond loopback without an admin_key (anyone who "
+        "reaches the port may then load, unload, pause and abort adapters). Off: such a "
+        "launch is refused.",
+    )
     lora_roots: list[Path] = Field(
         default_factory=list,
         description="Directories every lora_path must lie under (symlinks resolved); "

@@ -100,8 +100,78 @@ def test_truncated_file_is_not_ready_and_flipped_byte_is_corrupt(tmp_path):
     with pytest.raises(NotReadyError, match="bytes so far"):
         verify_step(out.path)
     f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(CorruptStepError, match="sha256"):
+    with pytest.raises(CorruptStepError, match="xxh3_128"):
         verify_step(out.path)
+
+
+def test_copy_verified_copies_exactly_the_manifest_or_refuses(tmp_path):
+    out = publish(adapter(tmp_path), tmp_path / "root", 2)
+    manifest = verify_step(out.path, check_sums=False)
+    broadcast.copy_verified(out.path, tmp_path / "copy", manifest)
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(manifest["files"])
+    for name in manifest["files"]:
+        assert (tmp_path / "copy" / name).read_bytes() == (out.path / name).read_bytes()
+    f = out.path / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: only the hash of the copied bytes can tell
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptStepError, match=r"adapter_model\.safetensors.*xxh3_128"):
+        broadcast.copy_verified(out.path, tmp_path / "copy2", manifest)
+
+
+def test_link_verified_links_a_step_on_the_same_filesystem(tmp_path, monkeypatch):
+    out = publish(adapter(tmp_path), tmp_path / "root", 2)
+    manifest = verify_step(out.path, check_sums=False)
+    dest = tmp_path / "stage" / "v1"
+    assert broadcast.link_step(out.path, dest, manifest)
+    broadcast.verify_linked(dest, manifest, out.path)
+    for name in manifest["files"]:
+        assert (dest / name).stat().st_ino == (out.path / name).stat().st_ino
+    data = (dest / "adapter_model.safetensors").read_bytes()
+    clean(tmp_path / "root", 9, RetentionConfig(max_async_level=0))  # the cleaner deletes it
+    assert not out.path.exists() and (dest / "adapter_model.safetensors").read_bytes() == data
+
+    bad = publish(adapter(tmp_path, "b"), tmp_path / "root", 3)
+    f = bad.path / "adapter_model.safetensors"
+    flipped = bytearray(f.read_bytes())
+    flipped[-1] ^= 1
+    f.write_bytes(bytes(flipped))
+    bad_manifest = verify_step(bad.path, check_sums=False)
+    assert broadcast.link_step(bad.path, tmp_path / "stage" / "v2", bad_manifest)
+    with pytest.raises(CorruptStepError, match="xxh3_128"):
+        broadcast.verify_linked(tmp_path / "stage" / "v2", bad_manifest, bad.path)
+
+    def cross_device(src, dst):
+        raise OSError(broadcast.errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(broadcast.os, "link", cross_device)
+    other = publish(adapter(tmp_path, "c"), tmp_path / "root", 4)
+    assert not broadcast.link_step(other.path, tmp_path / "stage" / "v3", manifest)
+    assert not (tmp_path / "stage" / "v3").exists()  # nothing left: the caller copies
+
+
+def test_sha256_manifests_from_other_publishers_are_still_verified(tmp_path):
+    out = publish(adapter(tmp_path), tmp_path / "root", 2)
+    manifest = verify_step(out.path)
+    for name, meta in manifest["files"].items():
+        meta.pop("xxh3_128")
+        meta["sha256"] = broadcast.sha256_of(out.path / name)
+    broadcast.copy_verified(out.path, tmp_path / "ok", manifest)
+    manifest["files"]["adapter_config.json"]["sha256"] = "0" * 64
+    with pytest.raises(CorruptStepError, match=r"adapter_config\.json.*sha256"):
+        broadcast.copy_verified(out.path, tmp_path / "bad", manifest)
+    manifest["files"]["adapter_config.json"] = {"size": 3, "md5": "x"}
+    with pytest.raises(CorruptStepError, match="no known checksum"):
+        broadcast.copy_verified(out.path, tmp_path / "bad2", manifest)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "sub/x", "..", ""])
+def test_manifest_names_outside_the_step_are_refused(tmp_path, name):
+    out = publish(adapter(tmp_path), tmp_path / "root", 2)
+    manifest = {"step": 2, "files": {name: {"size": 3, "xxh3_128": "0"}}}
+    with pytest.raises(CorruptStepError, match="not a file name"):
+        broadcast.copy_verified(out.path, tmp_path / "copy", manifest)
+    assert not (tmp_path / "escape").exists()
 
 
 def test_publisher_killed_between_files_and_sentinel_leaves_no_stable_step(tmp_path):

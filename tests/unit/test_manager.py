@@ -472,6 +472,32 @@ async def test_staged_copy_outlives_the_source_and_leaves_with_the_version(tmp_p
     assert not stage.exists()
 
 
+async def test_a_full_ram_stage_spills_to_disk_and_both_are_cleaned(tmp_path, monkeypatch):
+    from vllm_lora_ext.server import staging
+
+    monkeypatch.setattr(staging, "SHM", tmp_path / "shm")  # RAM staging needs room
+    m, _ = await make(tmp_path)
+    assert staging.default_stage_parent() is None
+    ram = m.staging.root
+    real_copy = staging.Staging._copy
+
+    def copy(version, dest, manifest):
+        if dest.parent == ram:
+            dest.mkdir()
+            (dest / "part").write_bytes(b"x")
+            raise OSError(staging.errno.ENOSPC, "No space left on device")
+        real_copy(version, dest, manifest)
+
+    monkeypatch.setattr(staging.Staging, "_copy", staticmethod(copy))
+    v2 = (await m.load("meow", str(write_adapter(tmp_path / "meow2")))).version
+    spilled = Path(v2.load_path)
+    assert spilled.parent != ram and (spilled / "adapter_config.json").is_file()
+    assert not (ram / spilled.name).exists()  # the partial RAM copy is gone
+    assert m.staging.sizes()["staged"] == 2  # v1 in RAM, v2 on disk
+    await m.shutdown()
+    assert not ram.exists() and not spilled.parent.exists()
+
+
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
     m, _ = await make(tmp_path)  # keep_versions=1
     await m.pin("meow", 1, True)
@@ -561,6 +587,27 @@ async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
     (lease,) = (step / ".leases").iterdir()
     await m.load("meow", str(write_adapter(tmp_path / "meow3")))  # keep_versions=1
     await wait_until(lambda: not lease.exists())  # evicted: lease released
+
+
+async def test_a_step_on_the_stage_filesystem_is_linked_and_verified_while_loading(tmp_path):
+    m, engine = await make(tmp_path, stage_dir=tmp_path / "stage")
+    good = broadcast.publish(write_adapter(tmp_path / "src2"), tmp_path / "bc", 2)
+    v2 = (await m.load("meow", str(good.path))).version
+    weights = "adapter_model.safetensors"
+    assert (Path(v2.load_path) / weights).stat().st_ino == (good.path / weights).stat().st_ino
+    shutil.rmtree(good.path)  # the cleaner: the link keeps the bytes
+    assert (Path(v2.load_path) / weights).is_file()
+
+    bad = broadcast.publish(write_adapter(tmp_path / "src3"), tmp_path / "bc", 3)
+    f = bad.path / "adapter_config.json"  # valid, same size, not what was published
+    f.write_text(f.read_text().replace('"r": 8', '"r": 4'))
+    await wait_until(lambda: list(engine.loaded) == [v2.lora_int_id])  # v1 left (window 1)
+    before = dict(engine.loaded)
+    with pytest.raises(broadcast.CorruptStepError, match="xxh3_128") as err:
+        await m.load("meow", str(bad.path))
+    assert err.value.status == 422
+    assert m.registry.get("meow").current == 2 and engine.loaded == before  # nothing left
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == [Path(v2.load_path).name]
 
 
 async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path):

@@ -25,7 +25,7 @@ from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtE
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.gate import Gate, lora_request_of
 from vllm_lora_ext.server.registry import Interrupt, PauseMode, Registry, Version
-from vllm_lora_ext.server.staging import Staging
+from vllm_lora_ext.server.staging import Staged, Staging
 from vllm_lora_ext.server.validation import check_adapter_dir, check_under_roots, model_module_names
 from vllm_lora_ext.server.vllm_api import ServingModelsHooks
 from vllm_lora_ext.server.watcher import Watcher
@@ -203,24 +203,33 @@ class LoraManager:
             version = self.registry.new_version(name, path, number)
             version.is_3d_lora_weight = is_3d_lora_weight
             added = False
-            staging: asyncio.Future[str] | None = None
+            staging: asyncio.Future[Staged] | None = None
             try:
                 manifest = await self.staging.await_step(version) if kind != "plain" else None
                 laps.lap("step")
-                staging = asyncio.ensure_future(
-                    asyncio.to_thread(self.staging.stage, version, manifest)
-                )
+                staging = self.staging.run(self.staging.stage, version, manifest)
                 # Shielded: a cancelled load still learns where its copy went.
-                version.load_path = await asyncio.shield(staging)
+                staged = await asyncio.shield(staging)
+                version.load_path = staged.path
                 laps.lap("stage")
                 added = True
-                await self.engine.add_lora(lora_request_of(version))
+                if staged.verify is None:
+                    await self.engine.add_lora(lora_request_of(version))
+                else:  # a linked step is verified while the engine loads it
+                    done = await asyncio.gather(
+                        self.engine.add_lora(lora_request_of(version)),
+                        self.staging.run(staged.verify),
+                        return_exceptions=True,
+                    )
+                    for outcome in done:
+                        if isinstance(outcome, BaseException):
+                            raise outcome
                 laps.lap("add_lora")
                 version.add_lora_ms = laps.laps["add_lora"]
             except BaseException as e:  # refused, failed or cancelled: nothing changes
                 if staging is not None and version.load_path == version.path:
                     with contextlib.suppress(BaseException):
-                        version.load_path = await staging
+                        version.load_path = (await staging).path
                 if added:
                     await asyncio.shield(self._forget_in_engine(version))
                 await asyncio.to_thread(self.staging.discard, version)

@@ -6,6 +6,8 @@ attach the same object explicitly, so there is one wiring path.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from argparse import Namespace
 from typing import Any
 
@@ -44,6 +46,7 @@ class LoraExtPlugin:
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine
             return
+        check_launch(args, self.config or LoraExtConfig())
         if not hasattr(engine_client, "output_processor"):
             raise RuntimeError(
                 "lora_ext needs an in-process AsyncLLM client (run one API server process)"
@@ -57,6 +60,42 @@ class LoraExtPlugin:
         await manager.adopt_static_adapters()
         manager.start_watchers()
         state.lora_ext = manager
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether serving on ``host`` stays on this machine (None/"" is every interface)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
+        except OSError:
+            return False
+
+
+def check_launch(args: Namespace, config: LoraExtConfig) -> None:
+    """Refuse launches our guarantees do not hold in, with what to do instead."""
+    count = getattr(args, "api_server_count", None) or 1
+    if count > 1:
+        raise RuntimeError(
+            f"lora_ext needs exactly one API server process, got --api-server-count {count}: "
+            "every process would mint its own adapter ids and versions, and a pause or "
+            "abort would reach one process of them. Pass --api-server-count 1 (vLLM "
+            "defaults it to --data-parallel-size); for more throughput run more replicas."
+        )
+    host = getattr(args, "host", None)
+    if not is_loopback(host) and config.admin_key is None and not config.allow_open_bind:
+        raise RuntimeError(
+            f"lora_ext refuses to serve on {host or 'every interface'} without an admin "
+            "key: anyone reaching the port could load, unload, pause and abort adapters. "
+            "Set LORA_EXT_ADMIN_KEY (CLI: --lora-admin-key), bind --host 127.0.0.1, or "
+            "opt out with LORA_EXT_ALLOW_OPEN_BIND=1."
+        )
 
 
 def ensure_attached(app: FastAPI, config: LoraExtConfig | None = None) -> LoraExtPlugin:

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
+import functools
 import itertools
 import logging
 import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -39,6 +46,47 @@ from vllm_lora_ext.server.registry import Version
 
 logger = logging.getLogger("vllm.lora_ext")
 
+SHM = Path("/dev/shm")
+SHM_MIN_FREE = 2 << 30  # below this, staged copies go to disk from the start
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux: per thread) so it yields to the engine."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def default_stage_parent() -> Path | None:
+    """Where a server's own staging directory goes: RAM when it has room, else the
+    temporary directory (None)."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    return SHM if free >= SHM_MIN_FREE and os.access(SHM, os.W_OK) else None
+
+
+T = TypeVar("T")
+FICLONE = 0x40049409  # linux/fs.h: a copy-on-write clone (XFS, btrfs, bcachefs)
+
+
+def clone(src: str, dst: str) -> str:
+    """A copy-on-write clone of ``src`` where the filesystem has them (free, and as safe
+    as a copy: a rewrite of either file leaves the other alone), else a plain copy."""
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+    except OSError:
+        return shutil.copyfile(src, dst)
+    return dst
+
+
+@dataclass(frozen=True)
+class Staged:
+    path: str
+    verify: Callable[[], None] | None = None  # run before anything is served from path
+
 
 class Staging:
     def __init__(self, config: LoraExtConfig, check: Callable[[str], object]) -> None:
@@ -48,14 +96,20 @@ class Staging:
         self._leases: dict[int, Path] = {}  # lora_int_id -> its lease
         self._holder = f"{socket.gethostname()}-{os.getpid()}"
         self._refresher: asyncio.Task | None = None
+        self._copier = ThreadPoolExecutor(
+            2, thread_name_prefix="lora_ext_stage", initializer=_lower_priority
+        )
         self._own_root = config.stage_adapters and config.stage_dir is None
         self.root: Path | None = None
+        self._spill: Path | None = None  # a disk directory once RAM ran out
         if config.stage_adapters:
-            self.root = config.stage_dir or Path(tempfile.mkdtemp(prefix="lora_ext_stage_"))
+            self.root = config.stage_dir or Path(
+                tempfile.mkdtemp(prefix="lora_ext_stage_", dir=default_stage_parent())
+            )
             self.root.mkdir(parents=True, exist_ok=True)
 
     def sizes(self) -> dict[str, int]:
-        staged = sum(1 for _ in self.root.iterdir()) if self.root is not None else 0
+        staged = sum(sum(1 for _ in root.iterdir()) for root in (self.root, self._spill) if root)
         return {"leases": len(self._leases), "staged": staged}
 
     # ---- broadcast steps ------------------------------------------------------------
@@ -89,7 +143,9 @@ class Staging:
         kind = await asyncio.to_thread(broadcast.step_kind, path)  # a pending step changes
         if kind == "ours":
             await self._lease(version)  # (again: the step may have been replaced)
-            return await asyncio.to_thread(broadcast.verify_step, path)
+            # A staged copy is hashed as it is written (one read of the step, and the
+            # bytes checked are the bytes loaded); unstaged, the step itself is hashed.
+            return await asyncio.to_thread(broadcast.verify_step, path, self.root is None)
         if kind == "pending":
             seen = await asyncio.to_thread(os.path.isdir, path)
             what = "has no adapter files yet" if seen else "is not visible"
@@ -122,18 +178,33 @@ class Staging:
             broadcast.release_lease(lease)
 
     # ---- staged copies --------------------------------------------------------------
-    def stage(self, version: Version, manifest: dict | None) -> str:
-        """The directory the engine loads ``version`` from, checked (blocking: run it in
-        a thread)."""
+    def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """``fn(*args)`` on a copier thread."""
+        return asyncio.get_running_loop().run_in_executor(self._copier, fn, *args)
+
+    def stage(self, version: Version, manifest: dict | None) -> Staged:
+        """The directory the engine loads ``version`` from, checked (blocking); a linked
+        step comes with its verification, to run while the engine loads it (nothing is
+        served from it before both are done)."""
         if self.root is None:
             if manifest is not None:  # a step skipped the early check (it had to wait)
                 self._check(version.path)
-            return version.path
-        dest = self.root / f"v{next(self._serial)}"
+            return Staged(version.path)
+        serial = next(self._serial)
+        dest = self.root / f"v{serial}"
+        verify: Callable[[], None] | None = None
         try:
-            shutil.copytree(version.path, dest, ignore=shutil.ignore_patterns(".*"))
-            if manifest is not None:
-                broadcast.verify_copy(dest, manifest)
+            try:
+                linked = self._copy(version, dest, manifest)
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self._own_root:
+                    raise
+                shutil.rmtree(dest, ignore_errors=True)
+                dest = self._spill_root() / f"v{serial}"
+                logger.warning("lora_ext staging: %s is full, copying to %s", self.root, dest)
+                linked = self._copy(version, dest, manifest)
+            if linked and manifest is not None:
+                verify = functools.partial(broadcast.verify_linked, dest, manifest, version.path)
             self._check(str(dest))
         except OSError as e:
             shutil.rmtree(dest, ignore_errors=True)
@@ -143,7 +214,26 @@ class Staging:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        return str(dest)
+        return Staged(str(dest), verify)
+
+    @staticmethod
+    def _copy(version: Version, dest: Path, manifest: dict | None) -> bool:
+        """Copy (or, for a broadcast step on this filesystem, link: True) ``version``'s
+        files into ``dest``."""
+        if manifest is not None:  # an immutable broadcast step: link it where we can
+            if broadcast.link_step(version.path, dest, manifest):
+                return True
+            broadcast.copy_verified(version.path, dest, manifest)
+        else:
+            shutil.copytree(
+                version.path, dest, ignore=shutil.ignore_patterns(".*"), copy_function=clone
+            )
+        return False
+
+    def _spill_root(self) -> Path:
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="lora_ext_stage_"))
+        return self._spill
 
     def discard(self, version: Version) -> None:
         """Delete the staged copy and release the lease of a version that left
@@ -153,12 +243,15 @@ class Staging:
         self.release(version)
 
     async def close(self) -> None:
+        self._copier.shutdown(wait=False, cancel_futures=True)
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        if self._own_root and self.root is not None:
-            await asyncio.to_thread(shutil.rmtree, self.root, True)
+        if self._own_root:
+            for root in (self.root, self._spill):
+                if root is not None:
+                    await asyncio.to_thread(shutil.rmtree, root, True)
         for lease in self._leases.values():
             broadcast.release_lease(lease)
         self._leases.clear()

@@ -7,7 +7,7 @@ adapter through the filesystem broadcast and swaps it in on every replica (zero-
 requests in flight are alternately continued server-side and aborted + retried by the
 client) while the other tenant keeps sampling. An evaluator per tenant keeps long
 greedy requests in flight through all of it. Exit code 0 only if no request was lost
-and every tenant's reward rose.
+and every tenant's reward rose to the target; a reward-per-step chart is written.
 """
 
 from __future__ import annotations
@@ -65,6 +65,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="samples per step")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per batch")
+    p.add_argument(
+        "--target-reward",
+        type=float,
+        default=0.6,
+        help="every tenant's final reward must reach this (0 only asks that it rose)",
+    )
+    p.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="where the reward-per-step chart goes (PNG; default: beside the broadcast root)",
+    )
     p.add_argument("--eval-tokens", type=int, default=128, help="length of evaluator requests")
     p.add_argument("--isolation-s", type=float, default=5.0, help="each isolation phase")
     p.add_argument("--extra-server-args", default="", help="more vLLM server arguments")
@@ -192,7 +205,9 @@ async def run(urls: list[str], tenants: list[Tenant], model: str, args) -> Summa
     policy = RetryPolicy(deadline_s=600, max_attempts=100)
     async with RemoteInferenceClient(urls, retry=policy) as rc:
         for i, t in enumerate(tenants):
-            t.trainer = await asyncio.to_thread(PolicyTrainer, model, lr=args.lr, seed=i)
+            t.trainer = await asyncio.to_thread(
+                PolicyTrainer, model, lr=args.lr, seed=i, epochs=args.epochs
+            )
             t.last_step = await asyncio.to_thread(t.trainer.publish, t.root, 0)
             await rc.load_lora_adapter(t.name, str(t.last_step))
         stop = asyncio.Event()
@@ -238,7 +253,7 @@ def render(summary: Summary, args) -> tuple[Table, bool]:
     for t in summary.tenants:
         start, end = statistics.mean(t.rewards[:2]), statistics.mean(t.rewards[-2:])
         q = statistics.quantiles(t.swap_ms, n=100, method="inclusive")
-        rose = end > start
+        rose = end > start and end >= args.target_reward
         ok = ok and rose and not t.lost
         table.add_row(
             t.name,
@@ -255,7 +270,8 @@ def render(summary: Summary, args) -> tuple[Table, bool]:
         )
     caption = [
         f"{'all requests completed' if ok else 'FAILED'}; resident versions bounded and "
-        f"nothing left in flight: {summary.resident_ok}"
+        f"nothing left in flight: {summary.resident_ok}; reward end (mean of the last two "
+        f"steps) must rise and reach {args.target_reward}"
     ]
     if summary.isolation is not None:
         a, b = summary.tenants[0].name, summary.tenants[1].name
@@ -265,6 +281,40 @@ def render(summary: Summary, args) -> tuple[Table, bool]:
         )
     table.caption = "\n".join(caption)
     return table, ok
+
+
+def chart(summary: Summary, args, path: Path) -> None:
+    """Reward per step for each tenant, and each swap's latency on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    swaps = ax.twinx()
+    for i, t in enumerate(summary.tenants):
+        steps = range(1, len(t.rewards) + 1)
+        color = f"C{i}"
+        ax.plot(steps, t.rewards, "o-", color=color, label=f"{t.name}: reward")
+        swaps.plot(
+            range(1, len(t.swap_ms) + 1), t.swap_ms, "x:", color=color, alpha=0.6,
+            label=f"{t.name}: swap ms",
+        )  # fmt: skip
+    ax.axhline(args.target_reward, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("RL step (batch sampled, PPO step, publish, zero-stall swap)")
+    ax.set_ylabel("reward (share of the tenant's word)")
+    ax.set_ylim(0, 1)
+    swaps.set_ylabel("swap latency (ms)")
+    swaps.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + swaps.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="center right")
+    ax.set_title(
+        f"vllm-lora-ext RL demo: {len(summary.tenants)} tenants, {args.replicas} replica(s)"
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str]) -> int:
@@ -311,6 +361,9 @@ def main(argv: list[str]) -> int:
         ray.shutdown()
     table, ok = render(summary, args)
     console.print(table)
+    chart_path = args.chart or work / "reward.png"
+    chart(summary, args, chart_path)
+    console.print(f"chart: {chart_path}")
     for t in summary.tenants:
         for reason in t.lost[:5]:
             console.print(f"[red]{t.name}: lost request: {reason}[/red]")
