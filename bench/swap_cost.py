@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import io
 import itertools
@@ -246,41 +247,66 @@ def p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[98] if len(xs) > 2 else float("nan")
 
 
-async def measure_stall(url: str, work: Path, big: Path, small: Path, tokens: int) -> dict:
-    """Another tenant's inter-token gaps while ``big`` swaps run back to back, over the
-    same without (measured before and after). The swap directories are written first
-    (fresh, one per swap): on this 2-core box a trainer writing 147 MB beside the
-    engine would measure the trainer, not the swap."""
+async def swap_loop(
+    c: httpx.AsyncClient, who: str, dirs: list[Path], every_s: float, stop: asyncio.Event
+) -> int:
+    """Swap the 'swapped' adapter (ours, or stock in place) every ``every_s`` until
+    ``stop``; returns how many swaps ran."""
+    swaps = 0
+    while not stop.is_set():
+        d = dirs[swaps % len(dirs)]
+        started = time.monotonic()
+        if who == "ours":
+            await load_ours(c, "swapped", d)
+        else:
+            r = await c.post(
+                "/v1/load_lora_adapter",
+                json={"lora_name": "stock-swapped", "lora_path": str(d), "load_inplace": True},
+            )
+            r.raise_for_status()
+        swaps += 1
+        with contextlib.suppress(TimeoutError):
+            left = every_s - (time.monotonic() - started)
+            await asyncio.wait_for(stop.wait(), max(0.0, left))
+    return swaps
+
+
+async def measure_stall(
+    url: str, work: Path, big: Path, small: Path, tokens: int, every_s: float
+) -> dict:
+    """Another tenant's inter-token gaps while ``big`` swaps every ``every_s``: ours, and
+    stock in-place reloads at the same cadence (vLLM's own ``add_lora`` stalls the
+    engine loop too), over the gaps without swaps (before and after). The swap
+    directories are written first (fresh, one per swap): on this 2-core box a trainer
+    writing 147 MB beside the engine would measure the trainer, not the swap."""
     dirs = [fresh_copy(big, work / f"sw{i}") for i in range(12)]
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         await swap_ours(c, "bystander", fresh_copy(small, work / "by"))
         await swap_ours(c, "swapped", dirs[0])
+        await swap_stock(c, "stock-swapped", dirs[0], True)
         quiet = await gaps_ms(c, "bystander", tokens)
-        stop = asyncio.Event()
-        swaps = 0
-
-        async def swapper() -> None:
-            nonlocal swaps
-            while not stop.is_set():
-                await load_ours(c, "swapped", dirs[1 + swaps % (len(dirs) - 1)])
-                swaps += 1
-
-        task = asyncio.create_task(swapper())
-        try:
-            busy = await gaps_ms(c, "bystander", tokens)
-        finally:
-            stop.set()
-            await task
+        counts = {}
+        busy: dict[str, list[float]] = {}
+        for who in ("ours", "stock"):
+            stop = asyncio.Event()
+            task = asyncio.create_task(swap_loop(c, who, dirs[1:], every_s, stop))
+            try:
+                busy[who] = await gaps_ms(c, "bystander", tokens)
+            finally:
+                stop.set()
+                counts[who] = await task
         quiet += await gaps_ms(c, "bystander", tokens)
         for n in ("bystander", "swapped"):
             await c.post("/skyrl/v1/unload_lora_adapter", json={"lora_name": n})
+        await c.post("/v1/unload_lora_adapter", json={"lora_name": "stock-swapped"})
     return {
         "quiet_p99": p99(quiet),
-        "busy_p99": p99(busy),
         "quiet_p50": statistics.median(quiet),
-        "busy_p50": statistics.median(busy),
-        "swaps": swaps,
+        **{f"{w}_p99": p99(g) for w, g in busy.items()},
+        **{f"{w}_p50": statistics.median(g) for w, g in busy.items()},
+        **{f"{w}_swaps": n for w, n in counts.items()},
         "tokens": tokens,
+        "every_s": every_s,
     }
 
 
@@ -415,8 +441,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "swap_cost")
     parser.add_argument("--record", type=Path, default=None)
     parser.add_argument("--chart", type=Path, default=None)
-    parser.add_argument("--stall-tokens", type=int, default=120)
+    parser.add_argument("--stall-tokens", type=int, default=80)
+    parser.add_argument("--stall-every-s", type=float, default=1.0, help="swap cadence")
     parser.add_argument("--device-args", default="", help="more vLLM server arguments")
+    parser.add_argument(
+        "--phases", default="sizes,stall,continuation", help="which measurements to run"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     console = Console() if Console().is_terminal else Console(width=160)
@@ -445,16 +475,24 @@ def main() -> int:
     env = {"LORA_EXT_MANAGE_VLLM_LORA_ROUTES": "false", "LORA_EXT_KEEP_VERSIONS": "2"}
     server = start_server(cmd, port, args.work / "server.log", env)
     try:
-        shm = Path(tempfile.mkdtemp(prefix="swap_cost_", dir=broadcast.ram_root().parent))
-        try:
-            rows = asyncio.run(measure_sizes(server.url, runs, shm, adapters, args.swaps))
-        finally:
-            shutil.rmtree(shm, ignore_errors=True)
-        console.print_json(data=rows)
+        phases = set(args.phases.split(","))
+        rows, stall, cont = [], None, []
+        if "sizes" in phases:
+            shm = Path(tempfile.mkdtemp(prefix="swap_cost_", dir="/dev/shm"))
+            try:
+                rows = asyncio.run(measure_sizes(server.url, runs, shm, adapters, args.swaps))
+            finally:
+                shutil.rmtree(shm, ignore_errors=True)
+            console.print_json(data=rows)
         big = adapters[f"r{ranks[-1]} fp32"][0]
         small = adapters[f"r{ranks[0]} fp32"][0]
-        stall = asyncio.run(measure_stall(server.url, runs, big, small, args.stall_tokens))
-        cont = asyncio.run(measure_continuation(server.url, runs, big, small))
+        if "stall" in phases:
+            stall = asyncio.run(
+                measure_stall(server.url, runs, big, small, args.stall_tokens, args.stall_every_s)
+            )
+            console.print_json(data=stall)
+        if "continuation" in phases:
+            cont = asyncio.run(measure_continuation(server.url, runs, big, small))
     finally:
         server.stop()
         shutil.rmtree(runs, ignore_errors=True)
@@ -482,23 +520,34 @@ def main() -> int:
             f"{r['ours_split']['add_lora']:.0f}",
             f"{r['ours_split']['stage']:.0f} / {r['bcast_split']['stage']:.0f}",
         )
-    table.caption = (
+    notes = [
         f"ms, median of {args.swaps} swaps each. 'dir': a fresh plain directory per swap on "
         "disk (copied to RAM, then loaded); 'step': a fresh broadcast step per swap in a RAM "
-        "root (hard-linked, xxh3-verified). Stock in-place reloads a fresh directory. "
-        "Another tenant's "
-        f"inter-token gap p99 while {stall['swaps']} {ranks[-1]}-rank swaps ran: "
-        f"{stall['busy_p99']:.0f} ms, without: {stall['quiet_p99']:.0f} ms "
-        f"(ratio {stall['busy_p99'] / stall['quiet_p99']:.2f}; p50 {stall['busy_p50']:.0f} "
-        f"vs {stall['quiet_p50']:.0f} ms). keep continuation: "
-        + "; ".join(
-            f"{c['case']}: {c['recomputed']:.0f} prompt tokens recomputed "
-            f"({c['cached']:.0f} cached), first continued token {c['first_ms']:.0f} ms"
-            for c in cont
+        "root (hard-linked, xxh3-verified while the engine loads). Stock in-place reloads a "
+        "fresh directory."
+    ]
+    if stall is not None:
+        notes.append(
+            f"Another tenant's inter-token gap p99 while a {ranks[-1]}-rank adapter swaps "
+            f"every {stall['every_s']:g} s from fresh plain directories: ours "
+            f"{stall['ours_p99']:.0f} ms ({stall['ours_swaps']} swaps), stock in-place "
+            f"{stall['stock_p99']:.0f} ms ({stall['stock_swaps']}), without "
+            f"{stall['quiet_p99']:.0f} ms: ratios {stall['ours_p99'] / stall['quiet_p99']:.2f}"
+            f" / {stall['stock_p99'] / stall['quiet_p99']:.2f} (p50 {stall['ours_p50']:.0f} / "
+            f"{stall['stock_p50']:.0f} / {stall['quiet_p50']:.0f} ms)."
         )
-    )
+    if cont:
+        notes.append(
+            "keep continuation: "
+            + "; ".join(
+                f"{c['case']}: {c['recomputed']:.0f} prompt tokens recomputed "
+                f"({c['cached']:.0f} cached), first continued token {c['first_ms']:.0f} ms"
+                for c in cont
+            )
+        )
+    table.caption = " ".join(notes)
     console.print(table)
-    if args.chart:
+    if args.chart and rows:
         chart(rows, args.chart)
     if args.record:
         rec = Console(width=190, record=True, file=io.StringIO())

@@ -1,8 +1,9 @@
 """A Ray actor that hosts one vLLM ``AsyncLLM`` with vLLM's OpenAI app and our routes.
 
-The actor binds a free port, builds the engine from vLLM server arguments, serves the
-app with uvicorn on its own event loop and returns the URL. ``shutdown`` stops uvicorn,
-the lora manager and the engine, leaving no engine process behind.
+The actor binds a free port on its node's IP, builds the engine from vLLM server
+arguments, serves the app with uvicorn on its own event loop and returns the URL.
+``shutdown`` stops uvicorn, the lora manager and the engine, leaving no engine process
+behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import ray
 
+from ray_actors.placement import PlacementError, ReplicaShape, device_of, plan
 from vllm_lora_ext.config import LoraExtConfig
 
 _START_TIMEOUT_S = 600.0
@@ -32,13 +34,10 @@ class LoraServer:
         self.url: str | None = None
 
     async def start(
-        self,
-        server_args: Sequence[str],
-        config: dict | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
+        self, server_args: Sequence[str], config: dict | None = None, bind_all: bool = False
     ) -> str:
-        """Start engine and HTTP server; returns ``http://host:port``."""
+        """Start engine and HTTP server on this node's IP (``bind_all``: every
+        interface); returns ``http://<node IP>:<port>``."""
         import uvicorn
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -52,10 +51,12 @@ class LoraServer:
 
         if self.url is not None:
             return self.url
+        node_ip = ray.util.get_node_ip_address()
+        host = "0.0.0.0" if bind_all else node_ip
         args = parse_server_args(server_args)
         args.host = host  # what the launch check and vLLM's app see
         apply_launch_flags(args)
-        sock = bind_socket(host, port)
+        sock = bind_socket(host, 0)
         bound_port = sock.getsockname()[1]
         try:
             engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -79,7 +80,7 @@ class LoraServer:
             await self.shutdown()
             sock.close()
             raise
-        self.url = f"http://{host}:{bound_port}"
+        self.url = f"http://{node_ip}:{bound_port}"
         return self.url
 
     async def health(self) -> bool:
@@ -117,30 +118,107 @@ class LoraServer:
 LoraServerActor = ray.remote(LoraServer)
 
 
+def _nodes() -> dict[str, dict[str, float]]:
+    """Alive nodes' total resources, by node IP (one node per IP in what we plan for)."""
+    out: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = node.get("Resources", {})
+            out[node["NodeManagerAddress"]] = {k: res.get(k, 0.0) for k in ("CPU", "GPU")}
+    return out
+
+
 def launch_servers(
     server_args: Sequence[str],
     num_servers: int = 1,
     config: dict | None = None,
     num_cpus: float = 1,
+    bind_all: bool = False,
+    env: dict[str, str] | None = None,
+    placement_timeout_s: float = 120,
 ) -> tuple[list[Any], list[str]]:
-    """Start ``num_servers`` actors (one GPU each where the cluster has GPUs).
+    """Start ``num_servers`` replicas, each in its own placement group of ``tp x pp``
+    bundles packed on one node (GPU bundles on GPU clusters, CPU bundles otherwise).
 
-    Returns the actor handles (keep them alive; call ``shutdown`` on each) and URLs.
+    Each replica serves on its node's IP (``bind_all``: every interface, which needs an
+    admin key or ``allow_open_bind`` in ``config``) and its URL names that IP. A cluster
+    that cannot hold the replicas is refused up front with what is missing. On GPUs a
+    replica with ``tp x pp > 1`` uses vLLM's Ray executor inside its placement group;
+    the CPU platform has no Ray executor, so there vLLM's processes (``mp``) run inside
+    the reservation. Returns the actor handles (keep them alive; stop them with
+    :func:`shutdown_servers`) and the URLs.
     """
-    gpus = ray.cluster_resources().get("GPU", 0)
-    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": 1000}
-    if gpus >= num_servers:
-        options["num_gpus"] = 1
-    actors = [LoraServerActor.options(**options).remote() for _ in range(num_servers)]
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from vllm_lora_ext.server.app import parse_server_args
+
+    args = parse_server_args(server_args)
+    shape = ReplicaShape(
+        tp=args.tensor_parallel_size,
+        pp=args.pipeline_parallel_size,
+        device=device_of(ray.cluster_resources()),
+        cpus_per_worker=num_cpus,
+    )
+    plan(_nodes(), num_servers, shape)  # refuses what can never fit, naming what is missing
+    server_args = list(server_args)
+    runtime_env = {"env_vars": dict(env or {})}
+    if shape.workers > 1 and not getattr(args, "distributed_executor_backend", None):
+        backend = "ray" if shape.device == "GPU" else "mp"
+        server_args += ["--distributed-executor-backend", backend]
+    if shape.device == "GPU" and shape.workers > 1:
+        runtime_env["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] = ",".join(
+            str(i) for i in range(shape.workers)
+        )
+    groups = [placement_group(shape.bundles(), strategy="STRICT_PACK") for _ in range(num_servers)]
+    actors: list[Any] = []
     try:
-        urls = ray.get([a.start.remote(list(server_args), config) for a in actors])
+        ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
+                            timeout=placement_timeout_s)  # fmt: skip
+        if len(ready) < len(groups):
+            raise PlacementError(
+                f"{len(groups) - len(ready)} of {len(groups)} replica placement group(s) "
+                f"not placed within {placement_timeout_s:g}s: the resources exist but are "
+                "in use by other work"
+            )
+        for group in groups:
+            options: dict[str, Any] = {
+                "num_cpus": num_cpus,
+                # One worker: the actor runs it and holds the GPU; more: vLLM's Ray
+                # workers take the bundles' GPUs.
+                "num_gpus": 1 if shape.device == "GPU" and shape.workers == 1 else 0,
+                "max_concurrency": 1000,
+                "runtime_env": runtime_env,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    group,
+                    placement_group_bundle_index=0,
+                    placement_group_capture_child_tasks=True,
+                ),
+            }
+            actors.append(LoraServerActor.options(**options).remote())
+        urls = ray.get([a.start.remote(server_args, config, bind_all) for a in actors])
     except BaseException:
-        ray.get([a.shutdown.remote() for a in actors])
+        with contextlib.suppress(Exception):
+            ray.get([a.shutdown.remote() for a in actors], timeout=120)
+        for group in groups:
+            remove_placement_group(group)
         raise
+    for actor, group in zip(actors, groups, strict=True):
+        _GROUPS[actor._actor_id] = group
     return actors, urls
 
 
+_GROUPS: dict[Any, Any] = {}  # actor id -> its placement group (removed at shutdown)
+
+
 def shutdown_servers(actors: Sequence[Any], timeout_s: float = 120) -> None:
-    ray.get([a.shutdown.remote() for a in actors], timeout=timeout_s)
-    for actor in actors:
-        ray.kill(actor)
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        ray.get([a.shutdown.remote() for a in actors], timeout=timeout_s)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+            group = _GROUPS.pop(actor._actor_id, None)
+            if group is not None:
+                remove_placement_group(group)

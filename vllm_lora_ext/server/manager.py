@@ -232,7 +232,7 @@ class LoraManager:
                         version.load_path = (await staging).path
                 if added:
                     await asyncio.shield(self._forget_in_engine(version))
-                await asyncio.to_thread(self.staging.discard, version)
+                await self.staging.run(self.staging.discard, version)
                 if isinstance(e, LoraExtError) or not isinstance(e, Exception):
                     raise
                 if not added:  # the files, not the engine (e.g. leasing the step failed)
@@ -307,7 +307,7 @@ class LoraManager:
                 await self.engine.remove_lora(v.lora_int_id)
             except Exception:
                 logger.exception("lora_ext failed to remove %s from the engine", v.internal_name)
-            await asyncio.to_thread(self.staging.discard, v)
+            await self.staging.run(self.staging.discard, v)
 
     async def _forget_in_engine(self, version: Version) -> None:
         with contextlib.suppress(Exception):  # it may never have got there

@@ -7,6 +7,18 @@ and unchanged while the version is resident: a trainer may delete or rewrite its
 once. The copy's per-version path also keeps vLLM's prefix-cache key ``(lora_name,
 lora_path)`` per version.
 
+Where the time goes (``bench/swap_cost.py``): copies go to RAM (``/dev/shm``) when it has
+room: there a copy costs a memcpy, while on a disk the kernel throttles whoever writes
+fresh dirty pages (a 147 MB copy took 68 ms on an idle disk, ~480 ms while a trainer was
+writing its next checkpoint); a full RAM disk spills to a disk directory. A plain
+directory is cloned copy-on-write where the filesystem can (XFS, btrfs), else copied. A
+broadcast step (immutable by protocol, with a manifest) on the staging directory's
+filesystem, e.g. one published into :func:`~vllm_lora_ext.broadcast.ram_root`, is
+hard-linked and its checksums verified while the engine loads it (nothing is served
+from it before both are done); elsewhere it is copied and hashed in one pass. Copies
+run on two background threads that get a core only when it would otherwise idle, so a
+big swap yields to the engine serving other tenants.
+
 **Leases**: a version loaded from a broadcast step writes ``step/.leases/<holder>`` while
 it is resident (refreshed every third of ``lease_ttl_s``), so a cleaner never deletes a
 step in use; the lease goes when the version leaves.
@@ -51,9 +63,12 @@ SHM_MIN_FREE = 2 << 30  # below this, staged copies go to disk from the start
 
 
 def _lower_priority() -> None:
-    """Nice the calling thread (Linux: per thread) so it yields to the engine."""
+    """Let the calling thread (Linux: per thread) run only when a core would otherwise
+    idle (SCHED_IDLE; else the lowest nice), so a big copy yields to the engine."""
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def default_stage_parent() -> Path | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import tempfile
@@ -322,6 +323,8 @@ def main(argv: list[str]) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=130)  # logs and CI: do not squeeze the table
+    # A local Ray instance stays on loopback (by default it listens on every interface).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     import torch
 
