@@ -447,6 +447,7 @@ def main() -> int:
     parser.add_argument(
         "--phases", default="sizes,stall,continuation", help="which measurements to run"
     )
+    parser.add_argument("--stage-priority", default="low", choices=["normal", "low", "idle"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     console = Console() if Console().is_terminal else Console(width=160)
@@ -472,7 +473,11 @@ def main() -> int:
         ],
         port,
     )  # fmt: skip
-    env = {"LORA_EXT_MANAGE_VLLM_LORA_ROUTES": "false", "LORA_EXT_KEEP_VERSIONS": "2"}
+    env = {
+        "LORA_EXT_MANAGE_VLLM_LORA_ROUTES": "false",
+        "LORA_EXT_KEEP_VERSIONS": "2",
+        "LORA_EXT_STAGE_PRIORITY": args.stage_priority,
+    }
     server = start_server(cmd, port, args.work / "server.log", env)
     try:
         phases = set(args.phases.split(","))
@@ -529,7 +534,8 @@ def main() -> int:
     if stall is not None:
         notes.append(
             f"Another tenant's inter-token gap p99 while a {ranks[-1]}-rank adapter swaps "
-            f"every {stall['every_s']:g} s from fresh plain directories: ours "
+            f"every {stall['every_s']:g} s from fresh plain directories (stage_priority "
+            f"{args.stage_priority}): ours "
             f"{stall['ours_p99']:.0f} ms ({stall['ours_swaps']} swaps), stock in-place "
             f"{stall['stock_p99']:.0f} ms ({stall['stock_swaps']}), without "
             f"{stall['quiet_p99']:.0f} ms: ratios {stall['ours_p99'] / stall['quiet_p99']:.2f}"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -128,6 +129,84 @@ def _nodes() -> dict[str, dict[str, float]]:
     return out
 
 
+@dataclass
+class ReplicaSpec:
+    """How every replica of a set is started: its vLLM arguments (with the executor
+    backend its shape needs), resources and environment; one source for the launcher
+    and the supervisor."""
+
+    server_args: list[str]
+    shape: ReplicaShape
+    config: dict | None = None
+    bind_all: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        server_args: Sequence[str],
+        config: dict | None = None,
+        num_cpus: float = 1,
+        bind_all: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> ReplicaSpec:
+        from vllm_lora_ext.server.app import parse_server_args
+
+        args = parse_server_args(server_args)
+        shape = ReplicaShape(
+            tp=args.tensor_parallel_size,
+            pp=args.pipeline_parallel_size,
+            device=device_of(ray.cluster_resources()),
+            cpus_per_worker=num_cpus,
+        )
+        spec = cls(list(server_args), shape, config, bind_all, dict(env or {}))
+        if shape.workers > 1 and not getattr(args, "distributed_executor_backend", None):
+            backend = "ray" if shape.device == "GPU" else "mp"
+            spec.server_args += ["--distributed-executor-backend", backend]
+        if shape.device == "GPU" and shape.workers > 1:
+            spec.env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(i) for i in range(shape.workers))
+        return spec
+
+    def placement_groups(self, count: int, timeout_s: float) -> list[Any]:
+        """``count`` placement groups, placed (refused up front when the cluster can
+        never hold them, naming what is missing)."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        plan(_nodes(), count, self.shape)
+        groups = [
+            placement_group(self.shape.bundles(), strategy="STRICT_PACK") for _ in range(count)
+        ]
+        ready, _ = ray.wait([g.ready() for g in groups], num_returns=count, timeout=timeout_s)
+        if len(ready) < count:
+            for group in groups:
+                remove_placement_group(group)
+            raise PlacementError(
+                f"{count - len(ready)} of {count} replica placement group(s) not placed "
+                f"within {timeout_s:g}s: the resources exist but are in use by other work"
+            )
+        return groups
+
+    def actor_in(self, group: Any) -> Any:
+        """A new (not yet started) server actor on bundle 0 of ``group``."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return LoraServerActor.options(
+            num_cpus=self.shape.cpus_per_worker,
+            # One worker: the actor runs it and holds the GPU; more: vLLM's Ray workers
+            # take the bundles' GPUs.
+            num_gpus=1 if self.shape.device == "GPU" and self.shape.workers == 1 else 0,
+            max_concurrency=1000,
+            runtime_env={"env_vars": dict(self.env)},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            ),
+        ).remote()
+
+    def start(self, actor: Any) -> Any:
+        """The ObjectRef of ``actor``'s URL once it serves."""
+        return actor.start.remote(self.server_args, self.config, self.bind_all)
+
+
 def launch_servers(
     server_args: Sequence[str],
     num_servers: int = 1,
@@ -146,57 +225,16 @@ def launch_servers(
     replica with ``tp x pp > 1`` uses vLLM's Ray executor inside its placement group;
     the CPU platform has no Ray executor, so there vLLM's processes (``mp``) run inside
     the reservation. Returns the actor handles (keep them alive; stop them with
-    :func:`shutdown_servers`) and the URLs.
+    :func:`shutdown_servers`) and the URLs. :mod:`ray_actors.supervisor` adds restarts.
     """
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.placement_group import remove_placement_group
 
-    from vllm_lora_ext.server.app import parse_server_args
-
-    args = parse_server_args(server_args)
-    shape = ReplicaShape(
-        tp=args.tensor_parallel_size,
-        pp=args.pipeline_parallel_size,
-        device=device_of(ray.cluster_resources()),
-        cpus_per_worker=num_cpus,
-    )
-    plan(_nodes(), num_servers, shape)  # refuses what can never fit, naming what is missing
-    server_args = list(server_args)
-    runtime_env = {"env_vars": dict(env or {})}
-    if shape.workers > 1 and not getattr(args, "distributed_executor_backend", None):
-        backend = "ray" if shape.device == "GPU" else "mp"
-        server_args += ["--distributed-executor-backend", backend]
-    if shape.device == "GPU" and shape.workers > 1:
-        runtime_env["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] = ",".join(
-            str(i) for i in range(shape.workers)
-        )
-    groups = [placement_group(shape.bundles(), strategy="STRICT_PACK") for _ in range(num_servers)]
+    spec = ReplicaSpec.of(server_args, config, num_cpus, bind_all, env)
+    groups = spec.placement_groups(num_servers, placement_timeout_s)
     actors: list[Any] = []
     try:
-        ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
-                            timeout=placement_timeout_s)  # fmt: skip
-        if len(ready) < len(groups):
-            raise PlacementError(
-                f"{len(groups) - len(ready)} of {len(groups)} replica placement group(s) "
-                f"not placed within {placement_timeout_s:g}s: the resources exist but are "
-                "in use by other work"
-            )
-        for group in groups:
-            options: dict[str, Any] = {
-                "num_cpus": num_cpus,
-                # One worker: the actor runs it and holds the GPU; more: vLLM's Ray
-                # workers take the bundles' GPUs.
-                "num_gpus": 1 if shape.device == "GPU" and shape.workers == 1 else 0,
-                "max_concurrency": 1000,
-                "runtime_env": runtime_env,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    group,
-                    placement_group_bundle_index=0,
-                    placement_group_capture_child_tasks=True,
-                ),
-            }
-            actors.append(LoraServerActor.options(**options).remote())
-        urls = ray.get([a.start.remote(server_args, config, bind_all) for a in actors])
+        actors = [spec.actor_in(g) for g in groups]
+        urls = ray.get([spec.start(a) for a in actors])
     except BaseException:
         with contextlib.suppress(Exception):
             ray.get([a.shutdown.remote() for a in actors], timeout=120)

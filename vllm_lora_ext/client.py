@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import random
 import threading
 import time
@@ -135,6 +136,19 @@ class _Replica:
     suspect: bool = False  # failed before: must pass /health before it gets requests
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where a request would rather go: a session key, or the replica holding its
+    prefix (a continuation)."""
+
+    session: str | None
+    replica: str | None = None
+
+
+def _rendezvous(session: str, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{session}\x00{url}".encode(), digest_size=8).digest())
+
+
 def _error_text(r: httpx.Response) -> str:
     try:
         body = r.json()
@@ -211,13 +225,32 @@ class RemoteInferenceClient:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     # ---- replica choice -----------------------------------------------------------------
-    def _pick(self, avoid: set[str]) -> _Replica:
+    def set_replicas(self, urls: Sequence[str]) -> None:
+        """Follow a replica set that changed (a supervisor's ``urls()``): replicas that
+        stay keep their load and health state; requests in flight finish where they are."""
+        urls = [u.rstrip("/") for u in urls]
+        if not urls:
+            raise ValueError("at least one server URL is needed")
+        with self._lock:
+            known = {r.url: r for r in self.replicas}
+            self.replicas = [known.get(u) or _Replica(u) for u in dict.fromkeys(urls)]
+
+    def _pick(self, avoid: set[str], route: _Route | None = None) -> _Replica:
+        """Where a request goes: the replica a route names or its session hashes to
+        (rendezvous hashing: a replica joining or leaving moves only its share of
+        sessions), if up; else the least busy one."""
         now = time.monotonic()
         with self._lock:
             up = [r for r in self.replicas if r.down_until <= now and r.url not in avoid]
             if not up:  # everything is down or was just tried: the least recently failed
                 up = sorted(self.replicas, key=lambda r: r.down_until)[:1]
-            best = min(up, key=lambda r: (r.in_flight, random.random()))
+            best = None
+            if route is not None and route.replica is not None:
+                best = next((r for r in up if r.url == route.replica), None)
+            if best is None and route is not None and route.session is not None:
+                best = max(up, key=lambda r: _rendezvous(route.session, r.url))
+            if best is None:
+                best = min(up, key=lambda r: (r.in_flight, random.random()))
             best.in_flight += 1
             return best
 
@@ -247,9 +280,9 @@ class RemoteInferenceClient:
                 replica.down_until = time.monotonic() + self.down_for_s
         return ok
 
-    async def _choose(self, tried: set[str]) -> _Replica:
+    async def _choose(self, tried: set[str], route: _Route | None = None) -> _Replica:
         while True:
-            replica = self._pick(tried)
+            replica = self._pick(tried, route)
             if await self._healthy(replica):
                 return replica
             self._done(replica, failed=True)
@@ -268,18 +301,21 @@ class RemoteInferenceClient:
         n: int = 1,
         version: int | None = None,
         base_model: str | None = None,
+        session: str | None = None,
         **sampling: Any,
     ) -> SampleResponse:
         """One dispatch. ``lora_name=None`` samples the base model (``base_model`` names
-        it); ``version`` pins one resident version of the adapter. Extra keyword
-        arguments are OpenAI/vLLM sampling fields (``temperature``, ``stop``, ...)."""
+        it); ``version`` pins one resident version of the adapter; requests with the same
+        ``session`` (e.g. a GRPO group's id) go to the same replica while it is up, where
+        their shared prefix is cached. Extra keyword arguments are OpenAI/vLLM sampling
+        fields (``temperature``, ``stop``, ...)."""
         model = self._model(lora_name, version, base_model)
         body = self._body(model, prompt_token_ids, prompt, max_tokens, n, sampling)
         tried: set[str] = set()
         last: Exception | None = None
         for _ in range(len(self.replicas)):
             try:
-                return await self._complete(body, tried)
+                return await self._complete(body, tried, _Route(session))
             except _Transient as e:  # a replica is down: the next one
                 last = e
         raise NoReplicaAvailable(f"no replica could serve the request: {last}")
@@ -295,10 +331,12 @@ class RemoteInferenceClient:
         version: int | None = None,
         base_model: str | None = None,
         retry: RetryPolicy | None = None,
+        session: str | None = None,
         **sampling: Any,
     ) -> SampleResponse:
         """Like :meth:`sample`, but an aborted sample is continued until it ends on its
-        own (``stop``/``length``); each of ``n`` samples is continued on its own."""
+        own (``stop``/``length``); each of ``n`` samples is continued on its own, on the
+        replica that made its tokens so far (its prefix is cached there) while it is up."""
         policy = retry or self.retry
         deadline = time.monotonic() + policy.deadline_s
         model = self._model(lora_name, version, base_model)
@@ -307,6 +345,7 @@ class RemoteInferenceClient:
             policy,
             deadline,
             None,
+            route=_Route(session),
         )
         state = SampleResponse(
             samples=[replace(s, attempts=1) for s in first.samples],
@@ -354,7 +393,9 @@ class RemoteInferenceClient:
                 1,
                 _continued(sampling, len(sample.token_ids)),
             )
-            seg = await self._retrying(body, policy, deadline, state, progress=True)
+            route = _Route(None, replica=state.replica)
+            seg = await self._retrying(body, policy, deadline, state, progress=True, route=route)
+            state.replica = seg.replica
             sample.attempts += 1
             sample.extend(seg.samples[0])
 
@@ -365,6 +406,7 @@ class RemoteInferenceClient:
         deadline: float,
         partial: SampleResponse | None,
         progress: bool = False,
+        route: _Route | None = None,
     ) -> SampleResponse:
         """One segment, retried with jittered backoff on transient failures (a replica
         down, a 503, and with ``progress`` an abort that made no token), bounded by the
@@ -392,7 +434,7 @@ class RemoteInferenceClient:
                         raise SampleRetryError(
                             f"deadline of {policy.deadline_s}s passed", partial or _empty(body)
                         )
-                    seg = await self._complete(body, tried)
+                    seg = await self._complete(body, tried, route)
                     if progress and seg.samples[0].finish_reason == "abort":
                         if not seg.samples[0].token_ids:
                             raise _Transient("aborted again before making a token")
@@ -407,8 +449,10 @@ class RemoteInferenceClient:
             raise SampleRetryError(f"{why}: {e}", partial or _empty(body)) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _complete(self, body: dict[str, Any], tried: set[str]) -> SampleResponse:
-        replica = await self._choose(tried)
+    async def _complete(
+        self, body: dict[str, Any], tried: set[str], route: _Route | None = None
+    ) -> SampleResponse:
+        replica = await self._choose(tried, route)
         tried.add(replica.url)
         failed = False
         try:
@@ -519,10 +563,12 @@ class RemoteInferenceClient:
         *,
         interrupt: Literal["abort", "continue"] | None = None,
         pin: bool = False,
+        version: int | None = None,
     ) -> dict[str, Any]:
-        payload: dict[str, Any] = {"lora_name": lora_name, "lora_path": lora_path, "pin": pin}
-        if interrupt is not None:
-            payload["interrupt"] = interrupt
+        """Load on every replica. ``version`` (e.g. the trainer's step) gives the load
+        the same number everywhere and makes a retry a no-op where it already landed."""
+        payload = _load_payload(lora_name, lora_path, interrupt, version)
+        payload["pin"] = pin
         return await self._fanout("load_lora_adapter", payload)
 
     async def unload_lora_adapter(self, lora_name: str, version: int | None = None) -> dict:
@@ -543,6 +589,7 @@ class RemoteInferenceClient:
         *,
         pause: bool = False,
         interrupt: Literal["abort", "continue"] | None = None,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """Make every replica serve ``lora_path`` under ``lora_name``.
 
@@ -550,9 +597,13 @@ class RemoteInferenceClient:
         ``interrupt`` says). ``pause=True``: pause (keep) -> load -> resume, and every
         replica that was paused is resumed whatever else failed. Raises
         :class:`FanoutError` naming each replica that did not end on the new version.
+        With ``version``, calling it again after a partial failure converges: replicas
+        that have the version answer ``unchanged``, the others load it.
         """
         if not pause:
-            return await self.load_lora_adapter(lora_name, lora_path, interrupt=interrupt)
+            return await self.load_lora_adapter(
+                lora_name, lora_path, interrupt=interrupt, version=version
+            )
         failures: dict[str, list[str]] = {}
         paused: list[str] = []
         results: dict[str, Any] = {}
@@ -568,9 +619,8 @@ class RemoteInferenceClient:
             paused = list(e.results)
         try:
             if paused:
-                results = await self._fanout(
-                    "load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path}, paused
-                )
+                payload = _load_payload(lora_name, lora_path, None, version)
+                results = await self._fanout("load_lora_adapter", payload, paused)
         except FanoutError as e:
             note("load", e)
             results = e.results
@@ -585,6 +635,17 @@ class RemoteInferenceClient:
                 "sync_lora", {url: "; ".join(steps) for url, steps in failures.items()}, results
             )
         return results
+
+
+def _load_payload(
+    lora_name: str, lora_path: str, interrupt: str | None, version: int | None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {"lora_name": lora_name, "lora_path": lora_path}
+    if interrupt is not None:
+        payload["interrupt"] = interrupt
+    if version is not None:
+        payload["version"] = version
+    return payload
 
 
 def _parse(r: httpx.Response, replica: str) -> SampleResponse:

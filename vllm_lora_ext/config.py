@@ -7,6 +7,7 @@ stock vLLM, or passed in explicitly by the Ray actor and the tests.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,7 +53,15 @@ class LoraExtConfig(BaseSettings):
     )
     stage_dir: Path | None = Field(
         default=None,
-        description="Where staged copies live (default: a fresh temporary directory).",
+        description="Where staged copies live (default: a fresh directory in /dev/shm when "
+        "it has 2 GiB free, else in the temporary directory).",
+    )
+    stage_priority: Literal["normal", "low", "idle"] = Field(
+        default="low",
+        description="CPU priority of the threads that copy and hash staged adapters: "
+        "'low' (nice 10) lets a big copy slow the engine a little and keeps swaps quick "
+        "under load; 'idle' (SCHED_IDLE) copies only on otherwise idle cores, so other "
+        "tenants never wait for it but a swap on a saturated CPU can take seconds.",
     )
     stable_wait_s: float = Field(
         default=30.0,

@@ -52,6 +52,15 @@ class LoadLoraRequest(_Body):
         "them onto the new version.",
     )
     pin: bool = Field(default=False, description="Keep this version resident until unpinned.")
+    version: int | None = Field(
+        default=None,
+        ge=1,
+        description="The number this version gets (e.g. the trainer's step), so that "
+        "name@N means the same weights on every replica. It must be newer than the "
+        "name's versions; asking again for the version the name serves, from the same "
+        "path, changes nothing (answered with unchanged: true), so a retried or "
+        "reconciling load is safe. Default: the next number.",
+    )
 
 
 class PinLoraRequest(_Body):
@@ -80,6 +89,9 @@ class LoadLoraResponse(BaseModel):
         description="Where the time went: checks (before the name's lock), lock (waiting "
         "for an earlier load of the name), step (waiting for and verifying a broadcast "
         "step), stage (the staged copy, checked), add_lora (the engine), commit.",
+    )
+    unchanged: bool = Field(
+        default=False, description="The name already served this version: nothing done."
     )
 
 

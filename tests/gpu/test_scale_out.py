@@ -5,6 +5,7 @@ addresses; nothing listens or connects outside 127.0.0.0/8."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import subprocess
@@ -26,6 +27,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from ray_actors.placement import PlacementError  # noqa: E402
 from ray_actors.server_actor import launch_servers, shutdown_servers  # noqa: E402
+from ray_actors.supervisor import start_supervised  # noqa: E402
+from vllm_lora_ext import broadcast  # noqa: E402
 
 HAS_GPU = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or any(
     os.path.exists(f"/dev/nvidia{i}") for i in range(8)
@@ -190,6 +193,53 @@ def test_tp2_replica_runs_in_its_placement_group_with_per_adapter_control(toy):
             assert set(words(complete(url, "meow")["choices"][0]["text"])) == {"woof"}
         finally:
             shutdown_servers(actors)
+    finally:
+        ray.shutdown()
+
+
+def test_a_killed_replica_comes_back_with_what_its_peer_serves(toy, tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        sup, urls = start_supervised(server_args(toy), num_servers=2, check_every_s=1.0)
+        try:
+            step = broadcast.publish(toy.adapters["woof"], tmp_path / "bc", 12).path
+            for url in urls:  # woof's weights as meow@12 on both; woof paused on both
+                load = {"lora_name": "meow", "lora_path": str(step), "version": 12}
+                r = httpx.post(f"{url}/skyrl/v1/load_lora_adapter", json=load, timeout=120)
+                assert r.status_code == 200 and r.json()["version"] == 12, r.text
+                pause = {"lora_name": "woof", "mode": "abort"}
+                assert httpx.post(f"{url}/skyrl/v1/pause", json=pause).is_success
+            time.sleep(2.5)  # a check snapshots what they serve
+            victim = ray.get(sup.replicas.remote())[0]
+            pids = ray.get(victim.engine_pids.remote())
+            ray.kill(victim)
+            deadline = time.monotonic() + 300
+            status = ray.get(sup.status.remote())
+            while time.monotonic() < deadline and not (
+                status["restarts"] == 1 and len(status["urls"]) == 2
+            ):
+                time.sleep(1)
+                status = ray.get(sup.status.remote())
+            assert status["restarts"] == 1 and len(status["urls"]) == 2, status
+            assert not status["failures"], status
+            for url in status["urls"]:
+                state = {
+                    a["lora_name"]: a for a in httpx.get(f"{url}/skyrl/v1/loras").json()["adapters"]
+                }
+                assert state["meow"]["version"] == 12 and state["woof"]["paused"], state
+                assert {v["path"] for v in state["meow"]["versions"] if v["version"] == 12} == {
+                    str(step)
+                }
+            texts = [complete(u, "meow@12", 12)["choices"][0]["text"] for u in status["urls"]]
+            assert texts[0] == texts[1] and set(words(texts[0])) == {"woof"}, texts
+            procs = []
+            for pid in pids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    procs.append(psutil.Process(pid))
+            _gone, alive = psutil.wait_procs(procs, timeout=30)
+            assert not alive, f"the dead replica's engine lingers: {alive}"
+        finally:
+            ray.get(sup.shutdown.remote(), timeout=300)
     finally:
         ray.shutdown()
 

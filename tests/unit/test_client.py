@@ -164,6 +164,72 @@ async def test_fanout_reaches_every_replica():
     assert [s.version for s in servers] == [2, 2]
 
 
+async def test_a_versioned_sync_sends_the_version_to_every_replica():
+    client, servers, _ = make([], [])
+    await client.sync_lora("meow", "/ckpt/step_12", version=12)
+    await client.sync_lora("meow", "/ckpt/step_13", pause=True, version=13)
+    for server in servers:
+        loads = [body for op, body in server.control if op == "load_lora_adapter"]
+        assert [b.get("version") for b in loads] == [12, 13]
+        assert [b["lora_path"] for b in loads] == ["/ckpt/step_12", "/ckpt/step_13"]
+
+
+# ---- routing ------------------------------------------------------------------------
+async def test_a_session_sticks_to_one_replica_and_sessions_spread():
+    client, _, _ = make([], [], [])
+    homes = {}
+    for k in range(24):
+        seen = {
+            (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session=f"g{k}")).replica
+            for _ in range(3)
+        }
+        assert len(seen) == 1, seen  # every request of the group on one replica
+        homes[k] = seen.pop()
+    assert len(set(homes.values())) == 3  # and the groups spread over the replicas
+
+
+async def test_a_session_moves_only_while_its_replica_is_down():
+    client, _, transport = make([], [], [], down_for_s=0.0)
+    home = (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session="g")).replica
+    transport.down.add(home.removeprefix("http://"))
+    away = (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session="g")).replica
+    assert away != home
+    transport.down.clear()
+    back = (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session="g")).replica
+    assert back == home
+
+
+async def test_a_changed_replica_set_moves_only_the_sessions_of_the_replicas_that_changed():
+    client, _, _ = make([], [], [], [])
+    client.set_replicas(["http://r0", "http://r1", "http://r2"])  # r3 not yet serving
+    before = {
+        k: (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session=f"s{k}")).replica
+        for k in range(40)
+    }
+    client.set_replicas(["http://r0", "http://r1", "http://r2", "http://r3"])
+    after = {
+        k: (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session=f"s{k}")).replica
+        for k in range(40)
+    }
+    moved = {k for k in before if before[k] != after[k]}
+    assert moved and all(after[k] == "http://r3" for k in moved)  # only onto the new one
+    assert len(moved) < 20
+    client.set_replicas(["http://r0", "http://r1", "http://r2"])  # r3 leaves again
+    again = {
+        k: (await client.sample("meow", prompt_token_ids=PROMPT_IDS, session=f"s{k}")).replica
+        for k in range(40)
+    }
+    assert again == before
+
+
+async def test_a_continuation_returns_to_the_replica_that_made_its_tokens():
+    client, servers, _ = make([("abort", 3)], [("abort", 3)], [("abort", 3)])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    check_aligned(r.samples[0], 8)
+    (served,) = [s for s in servers if s.calls]  # the first segment and its continuation
+    assert len(served.calls) == 2
+
+
 def test_usable_from_several_event_loops_and_threads():
     client, _, _ = make([])
 

@@ -19,7 +19,7 @@ from vllm.v1.engine.exceptions import EngineGenerateError
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError
+from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.server import attribution, metrics
 from vllm_lora_ext.server.manager import LoraManager
 
@@ -496,6 +496,41 @@ async def test_a_full_ram_stage_spills_to_disk_and_both_are_cleaned(tmp_path, mo
     assert m.staging.sizes()["staged"] == 2  # v1 in RAM, v2 on disk
     await m.shutdown()
     assert not ram.exists() and not spilled.parent.exists()
+
+
+async def test_a_named_version_loaded_again_from_the_same_path_changes_nothing(tmp_path):
+    m, engine = await make(tmp_path)
+    path = str(write_adapter(tmp_path / "step_7"))
+    first = await m.load("meow", path, version=7)
+    assert first.version.number == 7 and not first.unchanged
+    await wait_until(lambda: list(engine.loaded) == [first.version.lora_int_id])
+    again = await m.load("meow", path, version=7, pin=True)
+    assert again.unchanged and again.version is first.version and first.version.pinned
+    assert list(engine.loaded) == [first.version.lora_int_id]  # nothing added
+    other = str(write_adapter(tmp_path / "other"))
+    with pytest.raises(LoraExtError, match="already loaded from") as err:
+        await m.load("meow", other, version=7)  # same number, other weights
+    assert err.value.status == 409
+    with pytest.raises(LoraExtError, match="not newer") as err:
+        await m.load("meow", other, version=5)
+    assert err.value.status == 409 and m.registry.get("meow").current == 7
+    assert (await m.load("meow", other)).version.number == 8  # numbering goes on
+
+
+async def test_a_partly_failed_versioned_sync_converges_when_repeated(tmp_path):
+    """Two replicas; the load of version 3 fails on one. Repeating the same versioned
+    load converges: the replica that has it answers unchanged, the other loads it."""
+    (a, _), (b, engine_b) = await make(tmp_path / "a"), await make(tmp_path / "b")
+    path = str(write_adapter(tmp_path / "step_3"))
+    engine_b.fail_add = RuntimeError("worker lost")
+    await a.load("meow", path, version=3)
+    with pytest.raises(InvalidAdapterError):
+        await b.load("meow", path, version=3)
+    assert b.registry.get("meow").current == 1
+    engine_b.fail_add = None
+    again = [await a.load("meow", path, version=3), await b.load("meow", path, version=3)]
+    assert [r.unchanged for r in again] == [True, False]
+    assert {x.registry.get("meow").current for x in (a, b)} == {3}
 
 
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):

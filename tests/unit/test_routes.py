@@ -106,6 +106,23 @@ async def test_paths_outside_the_roots_are_refused(served, tmp_path):
     assert "x" not in manager.registry
 
 
+async def test_a_versioned_load_over_http_is_numbered_and_idempotent(served, tmp_path):
+    c, _ = served
+    body = {
+        "lora_name": "meow",
+        "lora_path": str(write_adapter(tmp_path / "ok" / "s9")),
+        "version": 9,
+    }
+    first = await c.post("/skyrl/v1/load_lora_adapter", json=body, headers=AUTH)
+    again = await c.post("/skyrl/v1/load_lora_adapter", json=body, headers=AUTH)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert (first.json()["version"], first.json()["unchanged"]) == (9, False)
+    assert (again.json()["version"], again.json()["unchanged"]) == (9, True)
+    assert again.json()["lora_int_id"] == first.json()["lora_int_id"]
+    stale = await c.post("/skyrl/v1/load_lora_adapter", json={**body, "version": 4}, headers=AUTH)
+    assert stale.status_code == 409 and "not newer" in stale.json()["error"]["message"]
+
+
 # ---- fuzz -------------------------------------------------------------------------------
 def _operations():
     app, _ = build_app(None)

@@ -41,6 +41,7 @@ class Loaded:
     interrupted: int
     latency_ms: float
     timings_ms: dict[str, float]
+    unchanged: bool = False  # the name already served this version from this path
 
 
 class _Laps:
@@ -175,7 +176,8 @@ class LoraManager:
             # Label only names we serve: refused input must not mint metric series.
             metrics.count_swap(name if name in self.registry else None, e)
             raise
-        metrics.count_swap(name, None, loaded.latency_ms)
+        if not loaded.unchanged:
+            metrics.count_swap(name, None, loaded.latency_ms)
         return loaded
 
     async def _load(
@@ -200,6 +202,11 @@ class LoraManager:
         laps.lap("checks")
         async with self._locks.hold(name):
             laps.lap("lock")
+            same = self._same_version(name, path, number)
+            if same is not None:
+                if pin and not same.pinned:
+                    self.registry.pin(name, same.number, True)
+                return Loaded(same, 0, laps.total_ms, laps.laps, unchanged=True)
             version = self.registry.new_version(name, path, number)
             version.is_3d_lora_weight = is_3d_lora_weight
             added = False
@@ -261,6 +268,23 @@ class LoraManager:
             )
         self._settle(name)
         return Loaded(version, interrupted, latency_ms, laps.laps)
+
+    def _same_version(self, name: str, path: str, number: int | None) -> Version | None:
+        """The current version when a load asks for it again from the same path (a
+        retry or a reconciliation: nothing to do); a different path under the same
+        number is a conflict (a version's weights never change)."""
+        if number is None or name not in self.registry:
+            return None
+        current = self.registry.get(name).current_version
+        if current.number != number:
+            return None
+        if current.path != path:
+            raise LoraExtError(
+                f"version {number} of '{name}' is already loaded from '{current.path}': a "
+                "version's weights never change, load a new version",
+                status=409,
+            )
+        return current
 
     async def pin(self, name: str, number: int, pinned: bool) -> Version:
         """Keep ``name@number`` resident whatever the window, or release that pin."""

@@ -168,7 +168,11 @@ async def state(request: Request) -> StateResponse:
 @router.post("/load_lora_adapter", responses=_ERRORS)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLoraResponse:
     loaded = await manager_of(request).load(
-        body.lora_name, body.lora_path, interrupt=body.interrupt, pin=body.pin
+        body.lora_name,
+        body.lora_path,
+        interrupt=body.interrupt,
+        pin=body.pin,
+        version=body.version,
     )
     version = loaded.version
     return LoadLoraResponse(
@@ -181,6 +185,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> LoadLora
         add_lora_ms=round(version.add_lora_ms, 3),
         latency_ms=round(loaded.latency_ms, 3),
         timings_ms=loaded.timings_ms,
+        unchanged=loaded.unchanged,
     )
 
 

@@ -16,8 +16,8 @@ broadcast step (immutable by protocol, with a manifest) on the staging directory
 filesystem, e.g. one published into :func:`~vllm_lora_ext.broadcast.ram_root`, is
 hard-linked and its checksums verified while the engine loads it (nothing is served
 from it before both are done); elsewhere it is copied and hashed in one pass. Copies
-run on two background threads that get a core only when it would otherwise idle, so a
-big swap yields to the engine serving other tenants.
+run on two background threads at a lower CPU priority (``stage_priority``), so a big
+swap yields to the engine serving other tenants.
 
 **Leases**: a version loaded from a broadcast step writes ``step/.leases/<holder>`` while
 it is resident (refreshed every third of ``lease_ttl_s``), so a cleaner never deletes a
@@ -62,13 +62,16 @@ SHM = Path("/dev/shm")
 SHM_MIN_FREE = 2 << 30  # below this, staged copies go to disk from the start
 
 
-def _lower_priority() -> None:
-    """Let the calling thread (Linux: per thread) run only when a core would otherwise
-    idle (SCHED_IDLE; else the lowest nice), so a big copy yields to the engine."""
+def _lower_priority(priority: str) -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread) so a big copy yields
+    to the engine: ``low`` is nice 10, ``idle`` SCHED_IDLE (only otherwise idle time)."""
+    if priority == "normal":
+        return
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10 if priority == "low" else 19)
+    if priority == "idle":
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def default_stage_parent() -> Path | None:
@@ -112,7 +115,10 @@ class Staging:
         self._holder = f"{socket.gethostname()}-{os.getpid()}"
         self._refresher: asyncio.Task | None = None
         self._copier = ThreadPoolExecutor(
-            2, thread_name_prefix="lora_ext_stage", initializer=_lower_priority
+            2,
+            thread_name_prefix="lora_ext_stage",
+            initializer=_lower_priority,
+            initargs=(config.stage_priority,),
         )
         self._own_root = config.stage_adapters and config.stage_dir is None
         self.root: Path | None = None
