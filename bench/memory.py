@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from results import record
 from rich.console import Console
 from rich.table import Table
 
@@ -148,12 +148,7 @@ def main() -> int:
         table.add_row(*row)
     Console().print(table)
     if args.record:
-        console = Console(width=120, record=True, file=io.StringIO())
-        console.print(table)
-        with args.record.open("a") as f:
-            f.write(f"\n## memory, {dt.datetime.now().isoformat(timespec='minutes')}\n\n```\n")
-            f.write(console.export_text())
-            f.write("```\n")
+        record(args.record, "memory", table, width=120)
     return 0
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import os
 import platform
 import tempfile
 from pathlib import Path
 
+from results import record
 from rich.console import Console
 from rich.table import Table
 
@@ -58,12 +58,7 @@ def main() -> int:
     for failure in report.failures[:20]:
         print("failure:", failure)
     if args.record:
-        console = Console(width=110, record=True, file=io.StringIO())
-        console.print(table)
-        with args.record.open("a") as f:
-            f.write(f"\n## soak, {dt.datetime.now().isoformat(timespec='minutes')}\n\n```\n")
-            f.write(console.export_text())
-            f.write("```\n")
+        record(args.record, "soak", table, width=110)
     return 0 if report.ok else 1
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from results import record
 from rich.console import Console
 from rich.table import Table
 
@@ -275,16 +275,6 @@ def render(results: dict[str, float], args: argparse.Namespace) -> Table:
     return table
 
 
-def record(path: Path, table: Table) -> None:
-    console = Console(width=110, record=True, file=io.StringIO())
-    console.print(table)
-    text = console.export_text()
-    with path.open("a") as f:
-        f.write(f"\n## swap_bench, {dt.datetime.now().isoformat(timespec='minutes')}\n\n```\n")
-        f.write(text)
-        f.write("```\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -300,7 +290,7 @@ def main() -> None:
     table = render(results, args)
     Console().print(table)
     if args.record:
-        record(args.record, table)
+        record(args.record, "swap_bench", table, width=110)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import io
 import itertools
 import json
 import os
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import httpx
+from results import record
 from rich.console import Console
 from rich.table import Table
 
@@ -250,13 +250,13 @@ def p99(xs: list[float]) -> float:
 async def swap_loop(
     c: httpx.AsyncClient, who: str, dirs: list[Path], every_s: float, stop: asyncio.Event
 ) -> int:
-    """Swap the 'swapped' adapter (ours, or stock in place) every ``every_s`` until
-    ``stop``; returns how many swaps ran."""
+    """Swap the 'swapped' adapter (ours from ``dirs``, or stock in place) every
+    ``every_s`` until ``stop``; returns how many swaps ran."""
     swaps = 0
     while not stop.is_set():
         d = dirs[swaps % len(dirs)]
         started = time.monotonic()
-        if who == "ours":
+        if who != "stock":
             await load_ours(c, "swapped", d)
         else:
             r = await c.post(
@@ -272,7 +272,7 @@ async def swap_loop(
 
 
 async def measure_stall(
-    url: str, work: Path, big: Path, small: Path, tokens: int, every_s: float
+    url: str, work: Path, shm: Path, big: Path, small: Path, tokens: int, every_s: float
 ) -> dict:
     """Another tenant's inter-token gaps while ``big`` swaps every ``every_s``: ours, and
     stock in-place reloads at the same cadence (vLLM's own ``add_lora`` stalls the
@@ -280,6 +280,7 @@ async def measure_stall(
     directories are written first (fresh, one per swap): on this 2-core box a trainer
     writing 147 MB beside the engine would measure the trainer, not the swap."""
     dirs = [fresh_copy(big, work / f"sw{i}") for i in range(12)]
+    steps = [broadcast.publish(big, shm / "stall", i).path for i in range(1, 12)]
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         await swap_ours(c, "bystander", fresh_copy(small, work / "by"))
         await swap_ours(c, "swapped", dirs[0])
@@ -287,9 +288,9 @@ async def measure_stall(
         quiet = await gaps_ms(c, "bystander", tokens)
         counts = {}
         busy: dict[str, list[float]] = {}
-        for who in ("ours", "stock"):
+        for who, paths in (("ours", dirs[1:]), ("step", steps), ("stock", dirs[1:])):
             stop = asyncio.Event()
-            task = asyncio.create_task(swap_loop(c, who, dirs[1:], every_s, stop))
+            task = asyncio.create_task(swap_loop(c, who, paths, every_s, stop))
             try:
                 busy[who] = await gaps_ms(c, "bystander", tokens)
             finally:
@@ -492,9 +493,15 @@ def main() -> int:
         big = adapters[f"r{ranks[-1]} fp32"][0]
         small = adapters[f"r{ranks[0]} fp32"][0]
         if "stall" in phases:
-            stall = asyncio.run(
-                measure_stall(server.url, runs, big, small, args.stall_tokens, args.stall_every_s)
-            )
+            shm = Path(tempfile.mkdtemp(prefix="swap_cost_", dir="/dev/shm"))
+            try:
+                stall = asyncio.run(
+                    measure_stall(
+                        server.url, runs, shm, big, small, args.stall_tokens, args.stall_every_s
+                    )
+                )
+            finally:
+                shutil.rmtree(shm, ignore_errors=True)
             console.print_json(data=stall)
         if "continuation" in phases:
             cont = asyncio.run(measure_continuation(server.url, runs, big, small))
@@ -534,13 +541,17 @@ def main() -> int:
     if stall is not None:
         notes.append(
             f"Another tenant's inter-token gap p99 while a {ranks[-1]}-rank adapter swaps "
-            f"every {stall['every_s']:g} s from fresh plain directories (stage_priority "
-            f"{args.stage_priority}): ours "
-            f"{stall['ours_p99']:.0f} ms ({stall['ours_swaps']} swaps), stock in-place "
-            f"{stall['stock_p99']:.0f} ms ({stall['stock_swaps']}), without "
-            f"{stall['quiet_p99']:.0f} ms: ratios {stall['ours_p99'] / stall['quiet_p99']:.2f}"
-            f" / {stall['stock_p99'] / stall['quiet_p99']:.2f} (p50 {stall['ours_p50']:.0f} / "
-            f"{stall['stock_p50']:.0f} / {stall['quiet_p50']:.0f} ms)."
+            f"every {stall['every_s']:g} s (stage_priority {args.stage_priority}): ours from "
+            f"plain dirs {stall['ours_p99']:.0f} ms ({stall['ours_swaps']} swaps), ours from "
+            f"RAM-root steps {stall['step_p99']:.0f} ms ({stall['step_swaps']}), stock "
+            f"in-place {stall['stock_p99']:.0f} ms ({stall['stock_swaps']}), without "
+            f"{stall['quiet_p99']:.0f} ms: ratios "
+            + " / ".join(
+                f"{stall[k + '_p99'] / stall['quiet_p99']:.2f}" for k in ("ours", "step", "stock")
+            )
+            + " (p50 "
+            + " / ".join(f"{stall[k + '_p50']:.0f}" for k in ("ours", "step", "stock", "quiet"))
+            + " ms)."
         )
     if cont:
         notes.append(
@@ -556,13 +567,8 @@ def main() -> int:
     if args.chart and rows:
         chart(rows, args.chart)
     if args.record:
-        rec = Console(width=190, record=True, file=io.StringIO())
-        rec.print(table)
-        with args.record.open("a") as f:
-            f.write(f"\n## swap cost, {dt.datetime.now().isoformat(timespec='minutes')}\n\n")
-            if args.chart:
-                f.write(f"![swap cost by adapter size]({args.chart.name})\n\n")
-            f.write("```\n" + rec.export_text() + "```\n")
+        name = "swap cost" if rows else f"swap cost ({args.phases})"
+        record(args.record, name, table, width=190, image=args.chart if rows else None)
     return 0
 
 
