@@ -533,6 +533,15 @@ async def test_a_partly_failed_versioned_sync_converges_when_repeated(tmp_path):
     assert {x.registry.get("meow").current for x in (a, b)} == {3}
 
 
+async def test_staging_work_still_runs_after_close():
+    """A load failing during shutdown must still be able to clean up its copy."""
+    from vllm_lora_ext.server.staging import Staging
+
+    staging = Staging(LoraExtConfig(), lambda path: None)
+    await staging.close()
+    assert await asyncio.wait_for(staging.run(lambda: 41 + 1), 5) == 42
+
+
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
     m, _ = await make(tmp_path)  # keep_versions=1
     await m.pin("meow", 1, True)

@@ -228,7 +228,7 @@ class LoraManager:
                         self.staging.run(staged.verify),
                         return_exceptions=True,
                     )
-                    for outcome in done:
+                    for outcome in reversed(done):  # a corrupt step explains a refusal
                         if isinstance(outcome, BaseException):
                             raise outcome
                 laps.lap("add_lora")

@@ -200,8 +200,13 @@ class Staging:
 
     # ---- staged copies --------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """``fn(*args)`` on a copier thread."""
-        return asyncio.get_running_loop().run_in_executor(self._copier, fn, *args)
+        """``fn(*args)`` on a copier thread (on the default pool once closed: a load
+        failing during shutdown still cleans up)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(self._copier, fn, *args)
+        except RuntimeError:  # the copier was shut down
+            return loop.run_in_executor(None, fn, *args)
 
     def stage(self, version: Version, manifest: dict | None) -> Staged:
         """The directory the engine loads ``version`` from, checked (blocking); a linked
