@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -533,6 +534,37 @@ async def test_a_partly_failed_versioned_sync_converges_when_repeated(tmp_path):
     assert {x.registry.get("meow").current for x in (a, b)} == {3}
 
 
+def test_a_killed_servers_staging_dir_is_swept_a_live_ones_never(tmp_path):
+    import subprocess
+    import sys
+
+    from vllm_lora_ext.server.staging import OWNER, PREFIX, owned_dir, sweep
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from vllm_lora_ext.server.staging import owned_dir\n"
+        "d, _ = owned_dir(Path(sys.argv[1])); (d / 'v1').mkdir(); print(d, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    theirs = Path(child.stdout.readline().strip())
+    mine, fd = owned_dir(tmp_path)  # sweeps: theirs is alive
+    legacy = tmp_path / f"{PREFIX}legacy"  # no owner lock: not ours to judge
+    legacy.mkdir()
+    assert theirs.is_dir() and mine.is_dir()
+    child.kill()  # SIGKILL: no cleanup
+    child.wait()
+    sweep(tmp_path)
+    assert not theirs.exists() and mine.is_dir() and legacy.is_dir()
+    assert (mine / OWNER).exists()
+    os.close(fd)  # we are gone too
+    sweep(tmp_path)
+    assert not mine.exists()
+
+
 async def test_staging_work_still_runs_after_close():
     """A load failing during shutdown must still be able to clean up its copy."""
     from vllm_lora_ext.server.staging import Staging
@@ -752,14 +784,16 @@ async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
         return True
 
     engine.add_lora = slow_add
+
+    def staged() -> list[str]:  # (not the owner lock)
+        return [p.name for p in stage.iterdir() if not p.name.startswith(".")]
+
     load = asyncio.create_task(m.load("meow", str(write_adapter(tmp_path / "m3"))))
-    await wait_until(lambda: len(list(stage.iterdir())) == 2)  # staged, now in add_lora
+    await wait_until(lambda: len(staged()) == 2)  # staged, now in add_lora
     load.cancel()
     with pytest.raises(asyncio.CancelledError):
         await load
-    assert [p.name for p in stage.iterdir()] == [
-        Path(m.registry.get("meow").current_version.load_path).name
-    ]
+    assert staged() == [Path(m.registry.get("meow").current_version.load_path).name]
     assert m.registry.get("meow").current == 1
 
 

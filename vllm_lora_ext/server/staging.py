@@ -85,6 +85,43 @@ def default_stage_parent() -> Path | None:
     return SHM if free >= SHM_MIN_FREE and os.access(SHM, os.W_OK) else None
 
 
+PREFIX = "lora_ext_stage_"
+OWNER = ".owner"  # flock'ed by the live server that owns the directory
+
+
+def owned_dir(parent: Path | None) -> tuple[Path, int]:
+    """A fresh staging directory under ``parent`` (None: the temporary directory) and the
+    descriptor holding its owner lock. Directories of servers that died without cleaning
+    up (killed) are removed first: their lock is free. It is made under another name and
+    renamed once locked, so a sweeper never sees it unlocked."""
+    base = Path(parent or tempfile.gettempdir())
+    sweep(base)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora_ext_new_", dir=base))
+    fd = os.open(tmp / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    final = base / f"{PREFIX}{tmp.name.removeprefix('.lora_ext_new_')}"
+    os.rename(tmp, final)
+    return final, fd
+
+
+def sweep(base: Path) -> None:
+    """Remove staging directories under ``base`` whose owner is gone (a lock held across
+    processes and PID namespaces: a live server's is never free)."""
+    for d in base.glob(f"{PREFIX}*"):
+        try:
+            fd = os.open(d / OWNER, os.O_RDWR)
+        except OSError:
+            continue  # not ours to judge (no owner lock)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        logger.info("lora_ext staging: removing %s left by a server that is gone", d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 T = TypeVar("T")
 FICLONE = 0x40049409  # linux/fs.h: a copy-on-write clone (XFS, btrfs, bcachefs)
 
@@ -123,14 +160,20 @@ class Staging:
         self._own_root = config.stage_adapters and config.stage_dir is None
         self.root: Path | None = None
         self._spill: Path | None = None  # a disk directory once RAM ran out
-        if config.stage_adapters:
-            self.root = config.stage_dir or Path(
-                tempfile.mkdtemp(prefix="lora_ext_stage_", dir=default_stage_parent())
-            )
+        self._locks: list[int] = []  # owner locks of our own directories
+        if config.stage_adapters and config.stage_dir is not None:
+            self.root = config.stage_dir
             self.root.mkdir(parents=True, exist_ok=True)
+        elif config.stage_adapters:
+            self.root, fd = owned_dir(default_stage_parent())
+            self._locks.append(fd)
 
     def sizes(self) -> dict[str, int]:
-        staged = sum(sum(1 for _ in root.iterdir()) for root in (self.root, self._spill) if root)
+        staged = sum(
+            sum(1 for p in root.iterdir() if not p.name.startswith("."))
+            for root in (self.root, self._spill)
+            if root
+        )
         return {"leases": len(self._leases), "staged": staged}
 
     # ---- broadcast steps ------------------------------------------------------------
@@ -258,7 +301,8 @@ class Staging:
 
     def _spill_root(self) -> Path:
         if self._spill is None:
-            self._spill = Path(tempfile.mkdtemp(prefix="lora_ext_stage_"))
+            self._spill, fd = owned_dir(None)
+            self._locks.append(fd)
         return self._spill
 
     def discard(self, version: Version) -> None:
@@ -281,3 +325,6 @@ class Staging:
         for lease in self._leases.values():
             broadcast.release_lease(lease)
         self._leases.clear()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
