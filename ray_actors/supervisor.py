@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -56,25 +57,16 @@ def plan_restore(desired: Adapters, actual: Adapters) -> list[tuple[str, dict[st
         current = versions.get(want["version"], {"version": want["version"]})
         if "path" not in current:
             continue  # nothing to load it from
-        older = [
+        loads = [
             v
             for n, v in sorted(versions.items())
             if have_version < n < want["version"] and v["pinned"]
         ]
-        for v in [*older, current]:
-            if v["version"] <= have_version:
-                continue
-            calls.append(
-                (
-                    "load_lora_adapter",
-                    {
-                        "lora_name": name,
-                        "lora_path": v["path"],
-                        "version": v["version"],
-                        "pin": bool(v.get("pinned")),
-                    },
-                )
-            )
+        if want["version"] > have_version:
+            loads.append(current)
+        for v in loads:
+            body = {"lora_name": name, "lora_path": v["path"], "version": v["version"]}
+            calls.append(("load_lora_adapter", {**body, "pin": bool(v.get("pinned"))}))
         if want.get("paused") and not (have or {}).get("paused"):
             calls.append(("pause", {"lora_name": name, "mode": want.get("pause_mode") or "keep"}))
     return calls
@@ -91,7 +83,7 @@ class Supervisor:
         self.urls_: list[str | None] = []
         self.desired: dict[str, dict[str, Any]] = {}
         self.restarts = 0
-        self.failures: list[str] = []
+        self.failures: deque[str] = deque(maxlen=20)  # the latest restore failures
         self._watch: asyncio.Task | None = None
         key = (spec.config or {}).get("admin_key")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -114,7 +106,7 @@ class Supervisor:
         return list(self.actors)
 
     def status(self) -> dict[str, Any]:
-        return {"urls": self.urls(), "restarts": self.restarts, "failures": self.failures[-20:]}
+        return {"urls": self.urls(), "restarts": self.restarts, "failures": list(self.failures)}
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=30, headers=self._headers) as http:

@@ -125,15 +125,21 @@ _HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": 
 
 
 def digest_of(path: Path, algorithm: str = "xxh3_128") -> str:
-    h = _HASHES[algorithm]()
+    """The file's digest, read through a mapping (no copy through a buffer)."""
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        if os.fstat(f.fileno()).st_size == 0:
+            return _HASHES[algorithm]().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return _HASHES[algorithm](m).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
     return digest_of(path, "sha256")
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain file name inside a step (no path, nothing that leaves the directory)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def _files(manifest: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[str, Any]]]:
@@ -142,7 +148,7 @@ def _files(manifest: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[str, Any]
     if not isinstance(files, Mapping):
         raise CorruptStepError("the manifest lists no files")
     for name, meta in files.items():
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        if not _is_file_name(name):
             raise CorruptStepError(f"manifest entry {name!r} is not a file name of the step")
         if not isinstance(meta, Mapping):
             raise CorruptStepError(f"manifest entry {name!r} is not an object")
@@ -155,6 +161,14 @@ def _expected(meta: Mapping[str, Any]) -> tuple[str, str]:
         if isinstance(meta.get(algorithm), str):
             return algorithm, meta[algorithm]
     raise CorruptStepError(f"manifest entry {dict(meta)} names no known checksum")
+
+
+def _check_digest(path: Path, meta: Mapping[str, Any], shown: Path) -> None:
+    """``path`` holds what the manifest entry ``meta`` names, or CorruptStepError
+    naming ``shown`` (the step's file)."""
+    algorithm, digest = _expected(meta)
+    if digest_of(path, algorithm) != digest:
+        raise CorruptStepError(f"'{shown}' does not match the {algorithm} in the manifest")
 
 
 def step_dir(root: Path | str, step: int) -> Path:
@@ -321,7 +335,7 @@ def verify_step(path: Path | str, check_sums: bool = True) -> dict[str, Any]:
     except ValueError:
         raise NotReadyError(f"'{p}/{STABLE}' is not complete yet") from None
     named = sentinel.get("manifest", MANIFEST) if isinstance(sentinel, dict) else None
-    if not isinstance(named, str) or Path(named).name != named or named in ("", ".", ".."):
+    if not _is_file_name(named):
         raise CorruptStepError(f"'{p}/{STABLE}' names no manifest file of the step")
     mpath = p / named
     try:
@@ -340,9 +354,7 @@ def verify_step(path: Path | str, check_sums: bool = True) -> dict[str, Any]:
         if size != meta["size"]:
             raise NotReadyError(f"'{f}' has {size} of {meta['size']} bytes so far")
         if check_sums:
-            algorithm, digest = _expected(meta)
-            if digest_of(f, algorithm) != digest:
-                raise CorruptStepError(f"'{f}' does not match the {algorithm} in the manifest")
+            _check_digest(f, meta, f)
     return manifest
 
 
@@ -373,20 +385,7 @@ def verify_linked(dest: Path, manifest: Mapping[str, Any], step: Path | str) -> 
     """The linked files of ``step`` in ``dest`` hold what the manifest names, or
     :class:`CorruptStepError`."""
     for name, meta in _files(manifest):
-        algorithm, digest = _expected(meta)
-        if _digest_mapped(dest / name, algorithm) != digest:
-            raise CorruptStepError(
-                f"'{Path(step) / name}' does not match the {algorithm} in the manifest"
-            )
-
-
-def _digest_mapped(path: Path, algorithm: str) -> str:
-    """The file's digest without copying it through a buffer (memory speed)."""
-    with path.open("rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return _HASHES[algorithm]().hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _HASHES[algorithm](m).hexdigest()
+        _check_digest(dest / name, meta, Path(step) / name)
 
 
 def copy_verified(step: Path | str, dest: Path, manifest: Mapping[str, Any]) -> None:
