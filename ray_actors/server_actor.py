@@ -99,6 +99,13 @@ class LoraServer:
 
         return [p.pid for p in psutil.Process(os.getpid()).children(recursive=True)]
 
+    def engine_core_pids(self) -> list[int]:
+        """The engine-core processes vLLM started for this replica (by vLLM's own
+        record, not by process title: a title is set only once the process runs)."""
+        resources = getattr(getattr(self.engine, "engine_core", None), "resources", None)
+        manager = getattr(resources, "engine_manager", None)
+        return [p.pid for p in getattr(manager, "processes", [])]
+
     async def shutdown(self) -> None:
         if self.server is not None:
             self.server.should_exit = True

@@ -26,8 +26,10 @@ from typing import Any
 
 import httpx
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_actors.server_actor import ReplicaSpec
+from vllm_lora_ext.client import RemoteInferenceClient
 
 logger = logging.getLogger("vllm.lora_ext")
 
@@ -75,9 +77,12 @@ def plan_restore(desired: Adapters, actual: Adapters) -> list[tuple[str, dict[st
 class Supervisor:
     """The supervisor actor's body (use :data:`SupervisorActor`)."""
 
-    def __init__(self, spec: ReplicaSpec, check_every_s: float = 2.0) -> None:
+    def __init__(
+        self, spec: ReplicaSpec, check_every_s: float = 2.0, restart_timeout_s: float = 600
+    ) -> None:
         self.spec = spec
         self.check_every_s = check_every_s
+        self.restart_timeout_s = restart_timeout_s
         self.groups: list[Any] = []
         self.actors: list[Any] = []
         self.urls_: list[str | None] = []
@@ -132,16 +137,26 @@ class Supervisor:
                     snapshots.append(await _adapters(http, url))
         if snapshots:  # (an unloaded name leaves the desired state with its last replica)
             self.desired = desired_state(snapshots)
-        for i, ok in enumerate(alive):
-            if not ok:
-                await self._restart(i, http)
+        down = [i for i, ok in enumerate(alive) if not ok]
+        await asyncio.gather(*(self._restart(i, http) for i in down))
 
     async def _restart(self, i: int, http: httpx.AsyncClient) -> None:
+        """Replace replica ``i`` in its placement group (which Ray moves to another
+        node when its node left) and restore it; a restart that fails or does not
+        serve within ``restart_timeout_s`` is reported and tried again next check."""
         logger.warning("lora_ext supervisor: replica %d (%s) is down, restarting", i, self.urls_[i])
         self.urls_[i] = None
         with contextlib.suppress(Exception):
             ray.kill(self.actors[i])
         self.actors[i] = self.spec.actor_in(self.groups[i])
+        try:
+            async with asyncio.timeout(self.restart_timeout_s):
+                await self._restore(i, http)
+        except Exception as e:
+            self.failures.append(f"replica {i} restart: {type(e).__name__}: {e}"[:300])
+            logger.exception("lora_ext supervisor: restarting replica %d failed", i)
+
+    async def _restore(self, i: int, http: httpx.AsyncClient) -> None:
         url = await self.spec.start(self.actors[i])
         actual = await _adapters(http, url)
         for route, body in plan_restore(self.desired, actual):
@@ -188,10 +203,26 @@ def start_supervised(
 ) -> tuple[Any, list[str]]:
     """Replicas under a supervisor; returns its handle and the URLs. With ``name`` the
     supervisor is a detached named actor (``ray.get_actor(name)``), outliving the
-    driver; stop it with ``ray.get(sup.shutdown.remote())``."""
+    driver; stop it with ``ray.get(sup.shutdown.remote())``. The supervisor owns the
+    replica actors (they end with it), so it runs on the caller's node (the head, for a
+    driver there), never on a worker node that may leave (Ray's soft node affinity
+    placed it elsewhere, so it is a hard one)."""
     spec = ReplicaSpec.of(server_args, config, num_cpus, bind_all, env)
-    options: dict[str, Any] = {}
+    here = ray.get_runtime_context().get_node_id()
+    options: dict[str, Any] = {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)
+    }
     if name is not None:
-        options = {"name": name, "lifetime": "detached"}
+        options |= {"name": name, "lifetime": "detached"}
     sup = SupervisorActor.options(**options).remote(spec, check_every_s)
     return sup, ray.get(sup.start.remote(num_servers))
+
+
+def follow(sup: Any, **client_kwargs: Any) -> RemoteInferenceClient:
+    """A client on the supervisor's replicas that follows the set as replicas restart
+    (on a new port, or a new node) or leave."""
+
+    async def urls() -> list[str]:
+        return await asyncio.wrap_future(sup.urls.remote().future())
+
+    return RemoteInferenceClient(ray.get(sup.urls.remote()), replica_source=urls, **client_kwargs)

@@ -6,6 +6,9 @@ operations fanned out over every replica.
   ``abort``, an abort route, a swap with ``interrupt: abort``) into a continuation: it
   keeps the partial tokens and logprobs and resubmits ``prompt + tokens so far`` with what
   is left of ``max_tokens``, so the result holds exactly the tokens the caller asked for.
+  It streams, so a replica that dies mid-sample loses nothing either: what arrived is
+  kept (with the version spans the server sends on every chunk) and the sample is
+  continued on another replica.
   While the adapter is paused the server holds the resubmitted request (and answers 503
   once its hold times out); the client backs off, bounded by a deadline and a number of
   attempts, then raises :class:`SampleRetryError` carrying the partial result.
@@ -21,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
+import logging
 import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -42,6 +47,8 @@ from tenacity import (
 )
 
 ROUTES = "/skyrl/v1"
+VERSION_HEADER = "x-lora-version"
+logger = logging.getLogger(__name__)
 
 
 class RetryPolicy(BaseModel):
@@ -176,7 +183,13 @@ class RemoteInferenceClient:
         down_for_s: float = 5.0,
         max_connections: int = 256,
         transport: httpx.AsyncBaseTransport | None = None,
+        replica_source: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        refresh_every_s: float = 5.0,
     ) -> None:
+        """``replica_source`` (e.g. a supervisor's ``urls()``, see
+        ``ray_actors.supervisor.follow``) is asked for the replica set every
+        ``refresh_every_s`` and whenever no listed replica answers: the client follows
+        restarts and replicas added or removed."""
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("at least one server URL is needed")
@@ -188,6 +201,9 @@ class RemoteInferenceClient:
         self.down_for_s = down_for_s
         self.max_connections = max_connections
         self._transport = transport  # tests: a scripted server
+        self.replica_source = replica_source
+        self.refresh_every_s = refresh_every_s
+        self._refreshed = time.monotonic()
         self._lock = threading.Lock()
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
         self._clients = weakref.WeakKeyDictionary()
@@ -235,6 +251,28 @@ class RemoteInferenceClient:
             known = {r.url: r for r in self.replicas}
             self.replicas = [known.get(u) or _Replica(u) for u in dict.fromkeys(urls)]
 
+    async def refresh_replicas(self, force: bool = False) -> None:
+        """Take the replica set from ``replica_source`` (when due, or ``force``); a
+        source that fails or answers nothing leaves the current set serving."""
+        if self.replica_source is None:
+            return
+        with self._lock:
+            if not force and time.monotonic() - self._refreshed < self.refresh_every_s:
+                return
+            self._refreshed = time.monotonic()  # one caller asks; the others go on
+        try:
+            urls = await asyncio.wait_for(self.replica_source(), 30)
+        except Exception as e:  # any failure: keep what we have
+            logger.warning(
+                "replica source failed (%s: %s); keeping %d replicas",
+                type(e).__name__,
+                e,
+                len(self.replicas),
+            )
+            return
+        if urls:
+            self.set_replicas(urls)
+
     def _pick(self, avoid: set[str], route: _Route | None = None) -> _Replica:
         """Where a request goes: the replica a route names or its session hashes to
         (rendezvous hashing: a replica joining or leaving moves only its share of
@@ -281,6 +319,7 @@ class RemoteInferenceClient:
         return ok
 
     async def _choose(self, tried: set[str], route: _Route | None = None) -> _Replica:
+        await self.refresh_replicas()
         while True:
             replica = self._pick(tried, route)
             if await self._healthy(replica):
@@ -288,6 +327,7 @@ class RemoteInferenceClient:
             self._done(replica, failed=True)
             tried.add(replica.url)
             if all(r.url in tried for r in self.replicas):
+                await self.refresh_replicas(force=True)  # for the next attempt
                 raise _Transient(f"no healthy replica (last tried {replica.url})")
 
     # ---- sampling -----------------------------------------------------------------------
@@ -332,16 +372,19 @@ class RemoteInferenceClient:
         base_model: str | None = None,
         retry: RetryPolicy | None = None,
         session: str | None = None,
+        stream: bool = True,
         **sampling: Any,
     ) -> SampleResponse:
         """Like :meth:`sample`, but an aborted sample is continued until it ends on its
         own (``stop``/``length``); each of ``n`` samples is continued on its own, on the
-        replica that made its tokens so far (its prefix is cached there) while it is up."""
+        replica that made its tokens so far (its prefix is cached there) while it is up.
+        Streamed (``stream``), a sample whose replica dies keeps every token that
+        arrived and is continued on another replica."""
         policy = retry or self.retry
         deadline = time.monotonic() + policy.deadline_s
         model = self._model(lora_name, version, base_model)
         first = await self._retrying(
-            self._body(model, prompt_token_ids, prompt, max_tokens, n, sampling),
+            self._body(model, prompt_token_ids, prompt, max_tokens, n, sampling, stream),
             policy,
             deadline,
             None,
@@ -349,13 +392,17 @@ class RemoteInferenceClient:
         )
         state = SampleResponse(
             samples=[replace(s, attempts=1) for s in first.samples],
-            prompt_token_ids=first.prompt_token_ids,
+            prompt_token_ids=first.prompt_token_ids or list(prompt_token_ids or []),
             replica=first.replica,
             version=first.version,
         )
+        given = prompt_token_ids if prompt_token_ids is not None else prompt
+        assert given is not None  # (checked by _body)
         await asyncio.gather(
             *(
-                self._finish_sample(state, i, model, max_tokens, sampling, policy, deadline)
+                self._finish_sample(
+                    state, i, model, given, max_tokens, sampling, policy, deadline, stream
+                )
                 for i in range(len(state.samples))
             )
         )
@@ -368,14 +415,17 @@ class RemoteInferenceClient:
         state: SampleResponse,
         index: int,
         model: str,
+        given: list[int] | str,
         max_tokens: int,
         sampling: dict[str, Any],
         policy: RetryPolicy,
         deadline: float,
+        stream: bool,
     ) -> None:
+        """Continue sample ``index`` until it ends on its own. A sample aborted before
+        its first token may come without prompt ids (vLLM streams nothing for it): it
+        is sent again with the prompt as the caller gave it."""
         sample = state.samples[index]
-        if sample.finish_reason == "abort" and not state.prompt_token_ids:
-            raise SampleRetryError("the server returned no prompt token ids to continue", state)
         while sample.finish_reason == "abort":
             left = max_tokens - len(sample.token_ids)
             if left <= 0:  # aborted exactly at the budget: that is a length finish
@@ -385,16 +435,18 @@ class RemoteInferenceClient:
                 raise SampleRetryError(
                     f"sample {index} still aborted after {sample.attempts} attempts", state
                 )
+            if state.prompt_token_ids:
+                ids, text = [*state.prompt_token_ids, *sample.token_ids], None
+            elif not sample.token_ids:
+                ids, text = (None, given) if isinstance(given, str) else (given, None)
+            else:
+                raise SampleRetryError("the server returned no prompt token ids to continue", state)
             body = self._body(
-                model,
-                [*state.prompt_token_ids, *sample.token_ids],
-                None,
-                left,
-                1,
-                _continued(sampling, len(sample.token_ids)),
+                model, ids, text, left, 1, _continued(sampling, len(sample.token_ids)), stream
             )
             route = _Route(None, replica=state.replica)
             seg = await self._retrying(body, policy, deadline, state, progress=True, route=route)
+            state.prompt_token_ids = state.prompt_token_ids or seg.prompt_token_ids
             state.replica = seg.replica
             sample.attempts += 1
             sample.extend(seg.samples[0])
@@ -456,6 +508,19 @@ class RemoteInferenceClient:
         tried.add(replica.url)
         failed = False
         try:
+            if body["stream"]:
+                got, broken, code = await self._streamed(replica.url, body)
+                if not broken:
+                    return got.response(replica.url)
+                # Cut off (no code) or an engine failure: the replica is suspect. A 503
+                # (a paused adapter's hold timed out) is not the replica's failure.
+                failed = code is None or (code >= 500 and code != 503)
+                if got.made_tokens():
+                    logger.warning("%s: stream ended early (%s); kept it", replica.url, broken)
+                    return got.response(replica.url)
+                if code is not None and 400 <= code < 500:
+                    raise RequestRejected(code, broken, replica.url)
+                raise _Transient(f"{replica.url}: stream ended before a token: {broken}")
             r = await self._http().post(
                 f"{replica.url}/v1/completions", json=body, headers=self._headers(False)
             )
@@ -464,11 +529,36 @@ class RemoteInferenceClient:
             raise _Transient(f"{replica.url}: {type(e).__name__}: {e}") from e
         finally:
             self._done(replica, failed)
-        if r.status_code == 503 or r.status_code >= 500:
-            raise _Transient(f"{replica.url} answered {r.status_code}: {_error_text(r)}")
-        if r.status_code != 200:
-            raise RequestRejected(r.status_code, _error_text(r), replica.url)
-        return _parse(r, replica.url)
+        _check_status(r, replica.url)
+        return _parse(r.json(), r.headers, replica.url)
+
+    async def _streamed(self, url: str, body: dict[str, Any]) -> tuple[_Streamed, str, int | None]:
+        """One streamed segment; why it ended early ("" if it did not) and the status
+        code of vLLM's error event (None: the connection broke). Ended early after tokens
+        arrived (the replica or its engine died), it is not an error: its unfinished
+        samples end ``abort`` with what arrived, to be continued elsewhere."""
+        got = _Streamed(body["n"])
+        broken = ""
+        code: int | None = None
+        try:
+            async with self._http().stream(
+                "POST", f"{url}/v1/completions", json=body, headers=self._headers(False)
+            ) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    _check_status(r, url)
+                got.version = r.headers.get(VERSION_HEADER)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:  # vLLM reports a failure mid-stream this way
+                        broken, code = _error_of(event)
+                        break
+                    got.add(event)
+        except httpx.TransportError as e:
+            broken = f"{type(e).__name__}: {e}"
+        return got, broken, code
 
     @staticmethod
     def _model(lora_name: str | None, version: int | None, base_model: str | None) -> str:
@@ -486,6 +576,7 @@ class RemoteInferenceClient:
         max_tokens: int,
         n: int,
         sampling: dict[str, Any],
+        stream: bool = False,
     ) -> dict[str, Any]:
         if (prompt_token_ids is None) == (prompt is None):
             raise ValueError("give exactly one of prompt_token_ids and prompt")
@@ -502,7 +593,7 @@ class RemoteInferenceClient:
             "n": n,
             "logprobs": 0,  # the sampled token's logprob, nothing else
             "return_token_ids": True,
-            "stream": False,
+            "stream": stream,
         }
 
     # ---- control operations, fanned out -------------------------------------------------
@@ -648,33 +739,95 @@ def _load_payload(
     return payload
 
 
-def _parse(r: httpx.Response, replica: str) -> SampleResponse:
-    body = r.json()
+def _check_status(r: httpx.Response, replica: str) -> None:
+    if r.status_code == 503 or r.status_code >= 500:
+        raise _Transient(f"{replica} answered {r.status_code}: {_error_text(r)}")
+    if r.status_code != 200:
+        raise RequestRejected(r.status_code, _error_text(r), replica)
+
+
+def _error_of(event: dict[str, Any]) -> tuple[str, int]:
+    """Message and status code of vLLM's stream error event (500 if it names none)."""
+    err = event.get("error")
+    if not isinstance(err, dict):
+        return str(err), 500
+    code = err.get("code")
+    return str(err.get("message", err)), code if isinstance(code, int) else 500
+
+
+def _sample(choice: dict[str, Any], finish: str | None) -> Sample:
+    """A sample from one (whole or accumulated) choice. Tokens without a logprob
+    cannot be trained on: they are cut, and the cut ends like an abort, which
+    sample_with_retry continues (made again, with logprobs): no token is dropped."""
+    tokens = list(choice.get("token_ids") or [])
+    lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    if len(lp) < len(tokens):
+        tokens = tokens[: len(lp)]
+        finish = "abort"
+    return Sample(
+        token_ids=tokens,
+        logprobs=[float(x) for x in lp[: len(tokens)]],
+        text=choice.get("text", "") if finish == choice.get("finish_reason") else "",
+        finish_reason=finish,
+        stop_reason=choice.get("stop_reason"),
+        lora_versions=_clip_spans(choice.get("lora_versions") or [], len(tokens)),
+    )
+
+
+def _parse(body: dict[str, Any], headers: httpx.Headers, replica: str) -> SampleResponse:
     samples: list[Sample] = []
     prompt_ids: list[int] = []
     for choice in sorted(body["choices"], key=lambda c: c["index"]):
-        tokens = list(choice.get("token_ids") or [])
-        lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        finish = choice.get("finish_reason")
-        if len(lp) < len(tokens):
-            # Tokens without a logprob cannot be trained on: cut them, and let the cut
-            # end like an abort, which sample_with_retry continues (made again, with
-            # logprobs), so no token is dropped from the result.
-            tokens = tokens[: len(lp)]
-            finish = "abort"
-        samples.append(
-            Sample(
-                token_ids=tokens,
-                logprobs=[float(x) for x in lp[: len(tokens)]],
-                text=choice.get("text", "") if finish == choice.get("finish_reason") else "",
-                finish_reason=finish,
-                stop_reason=choice.get("stop_reason"),
-                lora_versions=_clip_spans(choice.get("lora_versions") or [], len(tokens)),
-            )
-        )
+        samples.append(_sample(choice, choice.get("finish_reason")))
         prompt_ids = prompt_ids or list(choice.get("prompt_token_ids") or [])
-    header = r.headers.get("x-lora-version")
+    header = headers.get(VERSION_HEADER)
     return SampleResponse(samples, prompt_ids, replica, int(header) if header else None)
+
+
+class _Streamed:
+    """The choices of a completion stream, accumulated chunk by chunk (vLLM sends each
+    choice's token and logprob deltas, its prompt ids on its first chunk; we add its
+    version spans so far)."""
+
+    def __init__(self, n: int) -> None:
+        self.choices: list[dict[str, Any]] = [
+            {
+                "token_ids": [],
+                "logprobs": {"token_logprobs": []},
+                "text": "",
+                "finish_reason": None,
+                "stop_reason": None,
+                "lora_versions": [],
+            }
+            for _ in range(n)
+        ]
+        self.prompt_ids: list[int] = []
+        self.version: str | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        for delta in event.get("choices") or []:
+            index = delta.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(self.choices):
+                continue
+            acc = self.choices[index]
+            acc["token_ids"] += delta.get("token_ids") or []
+            acc["logprobs"]["token_logprobs"] += (delta.get("logprobs") or {}).get(
+                "token_logprobs"
+            ) or []
+            acc["text"] += delta.get("text") or ""
+            for key in ("finish_reason", "stop_reason", "lora_versions"):
+                if delta.get(key) is not None:
+                    acc[key] = delta[key]
+            self.prompt_ids = self.prompt_ids or list(delta.get("prompt_token_ids") or [])
+
+    def made_tokens(self) -> bool:
+        return any(c["token_ids"] for c in self.choices)
+
+    def response(self, replica: str) -> SampleResponse:
+        """What arrived; a choice the stream did not finish ends ``abort``."""
+        samples = [_sample(c, c["finish_reason"] or "abort") for c in self.choices]
+        version = int(self.version) if self.version else None
+        return SampleResponse(samples, self.prompt_ids, replica, version)
 
 
 def _clip_spans(spans: list[dict[str, int]], n_tokens: int) -> list[dict[str, int]]:

@@ -1,5 +1,6 @@
 """The client against real servers: retries across pauses and swaps, fan-out over two
-replicas with one killed mid-sync, and the OpenAI SDK reaching the same adapters."""
+replicas with one killed mid-sync, a group and its continuations kept on the replica
+holding their prefix, and the OpenAI SDK reaching the same adapters."""
 
 from __future__ import annotations
 
@@ -127,3 +128,72 @@ async def test_sync_over_two_replicas_with_one_killed(client, server, second_ser
     for child in second_server.children:  # orphans of the crashed server
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+
+
+async def prefix_cache(url: str) -> tuple[float, float]:
+    """(queried, hit) prompt tokens of a replica's prefix cache, from vLLM's counters."""
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(f"{url}/metrics", timeout=10)).text
+    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
+
+
+async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
+    client, server, second_server
+):
+    """GRPO sends a group's samples as separate requests with one session key: all land
+    on one replica, whose prefix cache serves the shared prompt; a sample aborted
+    mid-way is continued on the replica that made its tokens (cache hits there, not a
+    single token queried on the other)."""
+    urls = [server, second_server.url]
+    long_prompt = " ".join([PROMPT] * 120)
+    async with RemoteInferenceClient(urls) as rc:
+        before = {u: await prefix_cache(u) for u in urls}
+        group = await asyncio.gather(
+            *(
+                rc.sample_with_retry(
+                    "meow", prompt=long_prompt, max_tokens=4, session="group-7", temperature=1.0
+                )
+                for _ in range(4)
+            )
+        )
+        (home,) = {r.replica for r in group}
+        (away,) = set(urls) - {home}
+        prompt_len = len(group[0].prompt_token_ids)
+        after = {u: await prefix_cache(u) for u in urls}
+        assert after[away] == before[away], "a sample of the group went elsewhere"
+        assert after[home][1] - before[home][1] >= 3 * (prompt_len // 2)  # 3 of 4 hit
+
+        # A long sample, aborted mid-way where it runs, continues where its prefix is.
+        sample = asyncio.create_task(
+            rc.sample_with_retry(
+                "meow", prompt=long_prompt, max_tokens=1500, ignore_eos=True, temperature=0
+            )
+        )
+        async with httpx.AsyncClient(timeout=30) as c:
+            for _ in range(600):  # until it runs on one of them
+                states = {u: (await c.get(f"{u}/skyrl/v1/loras")).json() for u in urls}
+                where = [
+                    u
+                    for u, body in states.items()
+                    for a in body["adapters"]
+                    if a["lora_name"] == "meow" and a["in_flight"]
+                ]
+                if where:
+                    break
+                await asyncio.sleep(0.02)
+            (made_on,) = where
+            await asyncio.sleep(0.3)  # some tokens are made
+            mark = {u: await prefix_cache(u) for u in urls}
+            r = await c.post(f"{made_on}/skyrl/v1/abort_lora_requests", json={"lora_name": "meow"})
+            assert r.json()["aborted"] == 1, r.text
+        result = await asyncio.wait_for(sample, 120)
+        done = {u: await prefix_cache(u) for u in urls}
+        (other,) = set(urls) - {made_on}
+        assert result.samples[0].attempts == 2 and len(result.samples[0].token_ids) == 1500
+        assert result.replica == made_on and done[other] == mark[other]
+        assert done[made_on][1] - mark[made_on][1] >= prompt_len // 2  # the prefix was cached

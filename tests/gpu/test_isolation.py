@@ -23,12 +23,14 @@ async def load(client: httpx.AsyncClient, name: str, path, **extra) -> dict:
 
 
 async def settle_engine(client: httpx.AsyncClient, timeout: float = 30) -> dict:
-    """Until the engine holds exactly the resident versions (removals are asynchronous)."""
+    """Until the engine holds exactly the resident versions and no removal is under way
+    (a removal drops the version from the engine, then deletes its staged copy)."""
     async with asyncio.timeout(timeout):
         while True:
             body = (await client.get("/skyrl/v1/loras")).json()
             resident = sum(len(a["versions"]) for a in body["adapters"])
-            if body["engine_adapters"] == resident:
+            removing = (await client.get("/skyrl/v1/state")).json()["sizes"]["removals"]
+            if body["engine_adapters"] == resident and not removing:
                 return body
             await asyncio.sleep(0.1)
 

@@ -5,6 +5,7 @@ addresses; nothing listens or connects outside 127.0.0.0/8."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -27,8 +28,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from ray_actors.placement import PlacementError  # noqa: E402
 from ray_actors.server_actor import launch_servers, shutdown_servers  # noqa: E402
-from ray_actors.supervisor import start_supervised  # noqa: E402
+from ray_actors.supervisor import follow, start_supervised  # noqa: E402
 from vllm_lora_ext import broadcast  # noqa: E402
+from vllm_lora_ext.client import _rendezvous  # noqa: E402
 
 HAS_GPU = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or any(
     os.path.exists(f"/dev/nvidia{i}") for i in range(8)
@@ -197,31 +199,60 @@ def test_tp2_replica_runs_in_its_placement_group_with_per_adapter_control(toy):
         ray.shutdown()
 
 
-def test_a_killed_replica_comes_back_with_what_its_peer_serves(toy, tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False)
+def running(url: str) -> float:
+    """Requests running on a replica's engine (vLLM's gauge)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, tmp_path):
+    """Two replicas on two nodes serve woof's weights as meow@12 (woof paused). A group
+    of samples streams from the replica on 127.0.0.2 when that node leaves the cluster;
+    127.0.0.3 joins. Every sample ends with exactly max_tokens (what the lost replica
+    made is kept, the rest is made on the other), the same tokens as an uninterrupted
+    greedy run; the supervisor brings the replica back on the new node with the same
+    version, path and pause; the client follows the new replica set on its own."""
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False},
+    )
+    doomed = cluster.add_node(node_ip_address="127.0.0.2", num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
     try:
         sup, urls = start_supervised(server_args(toy), num_servers=2, check_every_s=1.0)
         try:
+            remote = next(u for u in urls if urlsplit(u).hostname == "127.0.0.2")
             step = broadcast.publish(toy.adapters["woof"], tmp_path / "bc", 12).path
-            for url in urls:  # woof's weights as meow@12 on both; woof paused on both
-                load = {"lora_name": "meow", "lora_path": str(step), "version": 12}
-                r = httpx.post(f"{url}/skyrl/v1/load_lora_adapter", json=load, timeout=120)
-                assert r.status_code == 200 and r.json()["version"] == 12, r.text
-                pause = {"lora_name": "woof", "mode": "abort"}
-                assert httpx.post(f"{url}/skyrl/v1/pause", json=pause).is_success
-            time.sleep(2.5)  # a check snapshots what they serve
-            victim = ray.get(sup.replicas.remote())[0]
-            pids = ray.get(victim.engine_pids.remote())
-            ray.kill(victim)
-            deadline = time.monotonic() + 300
+            pids = ray.get(
+                next(
+                    a
+                    for a, u in zip(ray.get(sup.replicas.remote()), urls, strict=True)
+                    if u == remote
+                ).engine_pids.remote()
+            )
+            client = follow(sup, down_for_s=2.0, refresh_every_s=1.0)
+            results, reference = asyncio.run(
+                _sample_through_node_loss(client, cluster, doomed, remote, str(step))
+            )
+            cluster.add_node(node_ip_address="127.0.0.3", num_cpus=1)  # (main thread only)
+            client_urls = asyncio.run(_follow_until_back(client, remote))
             status = ray.get(sup.status.remote())
-            while time.monotonic() < deadline and not (
-                status["restarts"] == 1 and len(status["urls"]) == 2
-            ):
-                time.sleep(1)
-                status = ray.get(sup.status.remote())
-            assert status["restarts"] == 1 and len(status["urls"]) == 2, status
-            assert not status["failures"], status
+            assert status["restarts"] == 1 and not status["failures"], status
+            hosts = sorted(urlsplit(u).hostname for u in status["urls"])
+            assert hosts == ["127.0.0.1", "127.0.0.3"], status
+            assert sorted(client_urls) == sorted(status["urls"])  # the client followed
+
+            for sample in (r.samples[0] for r in results):
+                assert sample.attempts >= 2, "the node left after the samples ended"
+                assert sample.token_ids == reference.token_ids  # nothing lost or repeated
+                assert len(sample.logprobs) == len(sample.token_ids) == LOST_MAX
+                assert sample.finish_reason == "length"
+                # the lost replica's tokens kept their version (spans on every chunk)
+                assert sample.lora_versions == [{"version": 12, "start": 0, "end": LOST_MAX}]
+
             for url in status["urls"]:
                 state = {
                     a["lora_name"]: a for a in httpx.get(f"{url}/skyrl/v1/loras").json()["adapters"]
@@ -237,11 +268,65 @@ def test_a_killed_replica_comes_back_with_what_its_peer_serves(toy, tmp_path):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     procs.append(psutil.Process(pid))
             _gone, alive = psutil.wait_procs(procs, timeout=30)
-            assert not alive, f"the dead replica's engine lingers: {alive}"
+            assert not alive, f"the lost replica's engine lingers: {alive}"
+            assert_loopback_only(status["urls"])
         finally:
             ray.get(sup.shutdown.remote(), timeout=300)
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+LOST_MAX = 1200
+
+
+async def _sample_through_node_loss(client, cluster, doomed, remote: str, step: str):
+    async with client:
+        await client.load_lora_adapter("meow", step, version=12)
+        await client.pause_generation("woof", mode="abort")
+        await asyncio.sleep(2.5)  # a supervisor check snapshots what they serve
+        urls = [r.url for r in client.replicas]
+        session = next(
+            f"group-{i}"
+            for i in range(1000)
+            if max(urls, key=lambda u: _rendezvous(f"group-{i}", u)) == remote
+        )
+        sampling = {"temperature": 0, "ignore_eos": True}
+        group = asyncio.gather(
+            *(
+                client.sample_with_retry(
+                    "meow",
+                    version=12,
+                    prompt="the cat says",
+                    max_tokens=LOST_MAX,
+                    session=session,  # a GRPO group: one key, one replica
+                    **sampling,
+                )
+                for _ in range(2)
+            )
+        )
+        for _ in range(1200):
+            if group.done() or running(remote) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # tokens are streaming
+        assert not group.done()
+        await asyncio.to_thread(cluster.remove_node, doomed)
+        async with asyncio.timeout(600):
+            results = await group
+        reference = await client.sample(
+            "meow", version=12, prompt="the cat says", max_tokens=LOST_MAX, **sampling
+        )
+        return results, reference.samples[0]
+
+
+async def _follow_until_back(client, lost: str) -> list[str]:
+    """Sample until the client lists two replicas, the lost one not among them."""
+    async with client, asyncio.timeout(600):
+        while len(client.replicas) < 2 or lost in {r.url for r in client.replicas}:
+            await client.sample("meow", prompt="the cat says", max_tokens=1)
+            await asyncio.sleep(1.0)
+        return [r.url for r in client.replicas]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs 2 GPUs: TP=2 under vLLM's Ray executor")

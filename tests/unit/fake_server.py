@@ -4,18 +4,25 @@
 ``-p / 1000``), so a continuation from ``prompt + tokens so far`` must reproduce exactly
 what one uninterrupted run makes. Each call takes the next scripted action:
 ``("ok",)``, ``("abort", k)`` (stop after k tokens with finish ``abort``, sample 0 only
-unless ``samples`` says), or ``(status, message)`` for an error answer.
+unless ``samples`` says), or ``(status, message)`` for an error answer. Streamed
+(``"stream": true``), it sends what vLLM sends (per choice: token and logprob deltas,
+prompt ids on the first, the finish reason on the last; nothing for a choice without a
+token), with our version spans so far on every chunk; ``("die", k)`` breaks the stream
+off after k tokens of each choice (the replica died: :class:`Replicas` turns it into the
+transport error httpx raises), and ``("error", k[, code])`` ends it with vLLM's
+mid-stream error event (code 500 unless given).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PROMPT_IDS = [1, 2, 3]
@@ -43,7 +50,7 @@ class FakeServer:
             ]
         )
 
-    async def completions(self, request: Request) -> JSONResponse:
+    async def completions(self, request: Request) -> Response:
         body = await request.json()
         self.calls.append(body)
         action = self.script.pop(0) if self.script else ("ok",)
@@ -56,9 +63,11 @@ class FakeServer:
         choices = []
         for i in range(body["n"]):
             limit = body["max_tokens"]
-            finish = "length"
+            finish: str | None = "length"
             if action[0] == "abort" and i in (action[2] if len(action) > 2 else (0,)):
                 limit, finish = min(action[1], limit), "abort"
+            if action[0] in ("die", "error"):
+                limit, finish = min(action[1], limit), None
             start = len(ids)
             tokens = [100 + p for p in range(start, start + limit)]
             self.made += len(tokens)
@@ -80,9 +89,42 @@ class FakeServer:
                     else [],
                 }
             )
-        return JSONResponse(
-            {"id": "cmpl-x", "choices": choices}, headers={"x-lora-version": str(self.version)}
-        )
+        headers = {"x-lora-version": str(self.version)}
+        if body.get("stream"):
+            events = list(self.stream_events(choices))
+            if action[0] == "die":
+                events.append("data: [DIE]\n\n")
+            elif action[0] == "error":
+                code = action[2] if len(action) > 2 else 500
+                error = {"error": {"message": f"failed with {code}", "code": code}}
+                events.append(f"data: {json.dumps(error)}\n\n")
+            else:
+                events.append("data: [DONE]\n\n")
+            return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+        return JSONResponse({"id": "cmpl-x", "choices": choices}, headers=headers)
+
+    @staticmethod
+    def stream_events(choices: list[dict[str, Any]]):
+        for c in choices:
+            i, tokens, lps = c["index"], c["token_ids"], c["logprobs"]["token_logprobs"]
+            span = c["lora_versions"][0]["version"] if c["lora_versions"] else 0
+            for k, t in enumerate(tokens):
+                last = k == len(tokens) - 1
+                delta = {
+                    "index": i,
+                    "text": f"<{t}>",
+                    "token_ids": [t],
+                    # a broken server's logprobs miss the last token
+                    "logprobs": {"token_logprobs": lps[k : k + 1]},
+                    "lora_versions": [{"version": span, "start": 0, "end": k + 1}],
+                }
+                if k == 0:
+                    delta["prompt_token_ids"] = c["prompt_token_ids"]
+                if last and c["finish_reason"] is not None:
+                    delta["finish_reason"] = c["finish_reason"]
+                yield _event(delta)
+            # Like vLLM: a choice that ends without a token sends nothing at all (its
+            # empty chunk is skipped, prompt ids with it).
 
     async def health(self, request: Request) -> JSONResponse:
         self.health_checks += 1
@@ -102,6 +144,21 @@ class FakeServer:
         return JSONResponse({"ok": True, **(body or {})})
 
 
+def _event(choice: dict[str, Any]) -> str:
+    return "data: " + json.dumps({"id": "cmpl-x", "choices": [choice]}) + "\n\n"
+
+
+class _BrokenOff(httpx.AsyncByteStream):
+    """A body that stops where the server died, as httpx reports it."""
+
+    def __init__(self, sent: bytes) -> None:
+        self.sent = sent
+
+    async def __aiter__(self):
+        yield self.sent
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
 class Replicas(httpx.AsyncBaseTransport):
     """Routes by host to fake servers; hosts in ``down`` refuse connections."""
 
@@ -116,7 +173,14 @@ class Replicas(httpx.AsyncBaseTransport):
         if host in self.down:
             self.refused.append(host)
             raise httpx.ConnectError("connection refused", request=request)
-        return await self.transports[host].handle_async_request(request)
+        response = await self.transports[host].handle_async_request(request)
+        body = await response.aread()
+        if b"data: [DIE]" not in body:
+            return httpx.Response(response.status_code, headers=response.headers, content=body)
+        sent = body[: body.index(b"data: [DIE]")]
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=_BrokenOff(sent)
+        )
 
 
 def expected_tokens(n: int, prompt_len: int = len(PROMPT_IDS)) -> list[int]:

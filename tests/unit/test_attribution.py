@@ -116,7 +116,7 @@ async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
             assert s.headers["x-lora-version"] == "7"
             lines = [ln async for ln in s.aiter_lines() if ln.startswith("data: {")]
         chunks = [json.loads(ln[6:]) for ln in lines]
-        assert "lora_versions" not in chunks[0]["choices"][0]
+        assert chunks[0]["choices"][0]["lora_versions"] == [{"version": 7, "start": 0, "end": 2}]
         assert chunks[1]["choices"][0]["lora_versions"] == [{"version": 7, "start": 0, "end": 2}]
 
 

@@ -44,10 +44,14 @@ async def test_no_abort_is_one_dispatch():
     assert server.calls[0]["logprobs"] == 0 and server.calls[0]["prompt"] == PROMPT_IDS
 
 
+@pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("cuts", [[3], [0, 5], [2, 0, 0, 1], [7]])
-async def test_aborts_are_continued_to_exactly_max_tokens(cuts):
+async def test_aborts_are_continued_to_exactly_max_tokens(cuts, stream):
     client, (server,), _ = make([("abort", k) for k in cuts])
-    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=10, stream=stream
+    )
+    assert all(call["stream"] is stream for call in server.calls)
     check_aligned(r.samples[0], 10)
     assert r.samples[0].finish_reason == "length"
     assert server.made == 10
@@ -254,20 +258,26 @@ def test_sync_wrapper():
         assert c.list_loras()["http://r0"]["meow"]["version"] == 1
 
 
-async def test_tokens_without_a_logprob_are_dropped_and_made_again():
+@pytest.mark.parametrize("stream", [True, False])
+async def test_tokens_without_a_logprob_are_dropped_and_made_again(stream):
     client, (server,), _ = make([("abort", 5)])
     server.short_logprobs = 1
-    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=8, stream=stream
+    )
     check_aligned(r.samples[0], 8)
     assert server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(4)
 
 
-async def test_a_final_segment_missing_logprobs_is_made_again_not_dropped():
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_final_segment_missing_logprobs_is_made_again_not_dropped(stream):
     """The last segment ends 'length' but its last token came without a logprob: the
     token is cut and made again, so the result still holds exactly max_tokens."""
     client, (server,), _ = make([])
     server.short_logprobs = 1
-    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8)
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=8, stream=stream
+    )
     check_aligned(r.samples[0], 8)
     assert r.samples[0].finish_reason == "length" and len(server.calls) == 2
     assert server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(7)
@@ -282,3 +292,96 @@ async def test_continuations_lower_min_tokens_and_drop_the_seed():
     first, cont = server.calls
     assert first["min_tokens"] == 8 and first["seed"] == 3
     assert cont["min_tokens"] == 3 and "seed" not in cont
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_replica_dying_mid_stream_loses_no_token(n):
+    """The stream breaks off after 4 tokens of each sample: those are kept, with their
+    version, and each sample is continued on the other replica."""
+    client, servers, _ = make([("die", 4)], [], down_for_s=60)
+    servers[1].version = 2
+    client.replicas[1].in_flight = 100  # the first segment goes to r0
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10, n=n)
+    assert len(r.samples) == n
+    for sample in r.samples:
+        check_aligned(sample, 10)
+        assert sample.finish_reason == "length" and sample.attempts == 2
+        assert sample.lora_versions == [
+            {"version": 1, "start": 0, "end": 4},
+            {"version": 2, "start": 4, "end": 10},
+        ]
+    assert servers[0].made == 4 * n and servers[1].made == 6 * n  # nothing made twice
+    assert all(c["prompt"] == PROMPT_IDS + expected_tokens(4) for c in servers[1].calls)
+    assert client.replicas[0].down_until > 0 and client.replicas[0].suspect
+
+
+async def test_a_text_prompt_aborted_before_its_first_token_is_sent_again():
+    """Streamed, vLLM sends nothing for a sample aborted before its first token (no
+    prompt ids to continue from): it is sent again with the prompt as given."""
+    client, (server,), _ = make([("abort", 0)])
+    r = await client.sample_with_retry("meow", prompt="hello", max_tokens=6)
+    check_aligned(r.samples[0], 6)
+    assert [c["prompt"] for c in server.calls] == ["hello", "hello"]
+    assert r.prompt_token_ids == PROMPT_IDS
+
+
+async def test_an_error_event_mid_stream_keeps_what_arrived():
+    client, (server,), _ = make([("error", 3)])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=7)
+    check_aligned(r.samples[0], 7)
+    assert server.made == 7 and server.calls[1]["prompt"] == PROMPT_IDS + expected_tokens(3)
+
+
+async def test_stream_error_events_before_a_token_are_judged_by_their_code():
+    """A 503 event (a paused adapter's hold timed out, sent after the 200 headers) is
+    retried without taking the replica out; a 404 event is the caller's error."""
+    client, (server,), _ = make([("error", 0, 503), ("error", 0, 503)])
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=5)
+    check_aligned(r.samples[0], 5)
+    assert len(server.calls) == 3 and not client.replicas[0].suspect
+    assert server.health_checks == 0  # never suspected, never probed
+
+    client, (server,), _ = make([("error", 0, 404)])
+    with pytest.raises(RequestRejected) as err:
+        await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=5)
+    assert err.value.status == 404 and len(server.calls) == 1
+
+
+async def test_a_stream_that_dies_before_a_token_is_sent_again():
+    client, servers, _ = make([("die", 0)], [])
+    client.replicas[1].in_flight = 100
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=5)
+    check_aligned(r.samples[0], 5)
+    assert r.samples[0].attempts == 1 and servers[1].calls[0]["prompt"] == PROMPT_IDS
+
+
+async def test_the_client_follows_its_replica_source():
+    """A replica set that changes (a supervisor restarted a replica on a new address):
+    when nothing listed answers, the client asks the source at once; otherwise every
+    refresh_every_s. A failing source leaves the current set serving."""
+    current = ["http://r1"]
+    asked: list[int] = []
+
+    async def source() -> list[str]:
+        asked.append(1)
+        if current is None:
+            raise RuntimeError("supervisor unreachable")
+        return current
+
+    client, _, transport = make(
+        [], [], [], replica_source=source, refresh_every_s=3600, down_for_s=60
+    )
+    client.set_replicas(["http://r0"])
+    transport.down.add("r0")  # r0 died; its replacement is r1
+    r = await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=4)
+    check_aligned(r.samples[0], 4)
+    assert r.replica == "http://r1" and [x.url for x in client.replicas] == ["http://r1"]
+    assert len(asked) == 1  # only when needed, with an hour between scheduled refreshes
+
+    client.refresh_every_s = 0  # from now on, every dispatch asks
+    current[:] = ["http://r1", "http://r2"]
+    await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
+    assert [x.url for x in client.replicas] == ["http://r1", "http://r2"]
+    current = None  # the source fails: the set stays
+    r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
+    assert r.replica in {"http://r1", "http://r2"} and len(client.replicas) == 2

@@ -6,7 +6,8 @@ request being served (:class:`SpanBook`, one per request, found through a contex
 variable); :class:`AttributionMiddleware` adds them to vLLM's own responses:
 
 - every choice gets ``lora_versions: [{"version", "start", "end"}]`` (token offsets into
-  that choice's completion; in a stream, on the chunk that carries its finish reason);
+  that choice's completion; in a stream, every chunk carries its choice's spans so far,
+  so a client whose stream broke off knows which version made each token it kept);
 - the response header ``x-lora-version`` names the final version (for a stream, whose
   headers leave before any token, the version the request was admitted on).
 
@@ -105,9 +106,9 @@ def final_version(per_choice: list[list[Span]], admitted: int) -> int:
     return max(last) if last else admitted
 
 
-def annotate(body: dict[str, Any], book: SpanBook, final: bool) -> int | None:
-    """Add ``lora_versions`` to the choices of one response (or of one stream chunk,
-    only those that finished unless ``final``); returns the final version, or None."""
+def annotate(body: dict[str, Any], book: SpanBook) -> int | None:
+    """Add ``lora_versions`` to the choices of one response or stream chunk (the spans
+    so far); returns the final version, or None."""
     rid = _response_id(body)
     choices = body.get("choices")
     if not isinstance(rid, str) or not isinstance(choices, list):
@@ -120,8 +121,7 @@ def annotate(body: dict[str, Any], book: SpanBook, final: bool) -> int | None:
         index = choice.get("index") if isinstance(choice, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(per_choice):
             continue
-        if final or choice.get("finish_reason") is not None:
-            choice["lora_versions"] = spans_json(per_choice[index])
+        choice["lora_versions"] = spans_json(per_choice[index])
     return final_version(per_choice, admitted)
 
 
@@ -206,7 +206,7 @@ class AttributionMiddleware:
                         body = None
                     if isinstance(body, dict):
                         response_id = response_id or _response_id(body)
-                        if annotate(body, book, final=False) is not None:
+                        if annotate(body, book) is not None:
                             text = "data: " + json.dumps(body, separators=(",", ":"))
                 out_events.append(text.encode("utf-8") + b"\n\n")
             more = message.get("more_body", False)
@@ -245,7 +245,7 @@ def _annotate_json(raw: bytes, book: SpanBook) -> tuple[bytes, int | None]:
         return raw, None
     if not isinstance(body, dict):
         return raw, None
-    version = annotate(body, book, final=True)
+    version = annotate(body, book)
     if version is None:
         return raw, None
     return json.dumps(body, separators=(",", ":")).encode("utf-8"), version
