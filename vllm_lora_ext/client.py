@@ -551,7 +551,11 @@ class RemoteInferenceClient:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
-                    event = json.loads(line[6:])
+                    try:
+                        event = json.loads(line[6:])
+                    except ValueError:
+                        broken, code = f"not an event: {line[:200]!r}", 500
+                        break
                     if "error" in event:  # vLLM reports a failure mid-stream this way
                         broken, code = _error_of(event)
                         break
@@ -761,13 +765,14 @@ def _sample(choice: dict[str, Any], finish: str | None) -> Sample:
     sample_with_retry continues (made again, with logprobs): no token is dropped."""
     tokens = list(choice.get("token_ids") or [])
     lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
-    if len(lp) < len(tokens):
+    cut = len(lp) < len(tokens)
+    if cut:
         tokens = tokens[: len(lp)]
         finish = "abort"
     return Sample(
         token_ids=tokens,
         logprobs=[float(x) for x in lp[: len(tokens)]],
-        text=choice.get("text", "") if finish == choice.get("finish_reason") else "",
+        text="" if cut else choice.get("text", ""),
         finish_reason=finish,
         stop_reason=choice.get("stop_reason"),
         lora_versions=_clip_spans(choice.get("lora_versions") or [], len(tokens)),

@@ -311,6 +311,7 @@ async def test_a_replica_dying_mid_stream_loses_no_token(n):
             {"version": 2, "start": 4, "end": 10},
         ]
     assert servers[0].made == 4 * n and servers[1].made == 6 * n  # nothing made twice
+    assert r.samples[0].text == "".join(f"<{t}>" for t in expected_tokens(10))
     assert all(c["prompt"] == PROMPT_IDS + expected_tokens(4) for c in servers[1].calls)
     assert client.replicas[0].down_until > 0 and client.replicas[0].suspect
 

@@ -1,8 +1,14 @@
-"""What a restarted replica must be told to serve what its peers serve (pure)."""
+"""What a restarted replica must be told to serve what its peers serve (pure), and a
+restart that never comes up."""
 
 from __future__ import annotations
 
-from ray_actors.supervisor import desired_state, plan_restore
+import asyncio
+
+import httpx
+
+from ray_actors import supervisor
+from ray_actors.supervisor import Supervisor, desired_state, plan_restore
 
 
 def entry(version: int, versions: list[tuple[int, bool]], paused=False, mode=None) -> dict:
@@ -50,3 +56,36 @@ def test_what_a_replica_already_serves_is_left_alone():
     behind = {"meow": entry(3, [(3, False)])}
     calls = plan_restore({"meow": desired["meow"]}, behind)
     assert [body["version"] for _, body in calls] == [5]  # pinned 2 is older than 3: skip
+
+
+class HangingSpec:
+    """A replica spec whose replicas never come up (a placement group with no node to
+    go to): the restart must give up in time, say so, and leave the slot unlisted."""
+
+    config: dict = {}
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def actor_in(self, group: object) -> object:
+        return object()
+
+    async def start(self, actor: object) -> str:
+        self.started += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_restart_that_never_serves_times_out_and_is_reported(monkeypatch):
+    killed: list[object] = []
+    monkeypatch.setattr(supervisor.ray, "kill", killed.append)
+    spec = HangingSpec()
+    sup = Supervisor(spec, restart_timeout_s=0.2)  # type: ignore[arg-type]
+    dead = object()
+    sup.groups, sup.actors, sup.urls_ = [None, None], [object(), dead], ["u0", "u1"]
+    async with httpx.AsyncClient() as http:
+        await asyncio.wait_for(sup._restart(1, http), 5)
+    assert killed == [dead] and spec.started == 1
+    assert sup.urls() == ["u0"] and sup.restarts == 0
+    (failure,) = sup.status()["failures"]
+    assert failure.startswith("replica 1 restart: TimeoutError")
