@@ -32,6 +32,7 @@ class LoraServer:
         self.manager: Any = None
         self.server: Any = None
         self.serve_task: asyncio.Task | None = None
+        self.watchdog: asyncio.Task | None = None
         self.url: str | None = None
 
     async def start(
@@ -41,6 +42,7 @@ class LoraServer:
         interface); returns ``http://<node IP>:<port>``."""
         import uvicorn
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.launcher import watchdog_loop
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from vllm_lora_ext.server.app import (
@@ -70,6 +72,11 @@ class LoraServer:
             self.server = uvicorn.Server(uv_config)
             self.serve_task = asyncio.get_running_loop().create_task(
                 self.server.serve(sockets=[sock])
+            )
+            # vLLM's own: once the engine died, stop serving (connections refused, not
+            # 500s), as stock `vllm serve` does; health() then reports it for a restart.
+            self.watchdog = asyncio.get_running_loop().create_task(
+                watchdog_loop(self.server, self.engine)
             )
             async with asyncio.timeout(_START_TIMEOUT_S):
                 while not self.server.started:
@@ -107,6 +114,11 @@ class LoraServer:
         return [p.pid for p in getattr(manager, "processes", [])]
 
     async def shutdown(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watchdog
+            self.watchdog = None
         if self.server is not None:
             self.server.should_exit = True
         if self.serve_task is not None:

@@ -86,10 +86,12 @@ async def test_openai_sdk_reaches_the_same_adapters(client, server):
         await sdk.close()
 
 
-@pytest.fixture
-def second_server(toy, tmp_path):
+@pytest.fixture(scope="module")
+def second_server(toy, tmp_path_factory):
+    """A second replica for this module's tests; the last one kills it."""
     port = free_port()
-    server = start_server(lora_ext_cmd(toy, port), port, tmp_path / "second.log", {})
+    log = tmp_path_factory.mktemp("second") / "second.log"
+    server = start_server(lora_ext_cmd(toy, port), port, log, {})
     warm_up(server.url, ["meow"])
     yield server
     server.stop()
@@ -109,25 +111,6 @@ class KillOnLoad(httpx.AsyncBaseTransport):
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
         return await self.inner.handle_async_request(request)
-
-
-async def test_sync_over_two_replicas_with_one_killed(client, server, second_server, toy):
-    victim = second_server.url
-    transport = KillOnLoad(victim, second_server.proc)
-    async with RemoteInferenceClient([server, victim], transport=transport) as rc:
-        before = (await rc.list_loras())[server]["meow"]["version"]
-        with pytest.raises(FanoutError) as err:
-            await rc.sync_lora("meow", str(toy.adapters["meow"]), pause=True)
-        assert set(err.value.failures) == {victim}
-        assert "load" in err.value.failures[victim]
-        state = await loras(client)  # the survivor: on the new version, not paused
-        assert not state["meow"]["paused"] and state["meow"]["version"] == before + 1
-        # Sampling goes on through the survivor.
-        r = await rc.sample_with_retry("meow", prompt=PROMPT, max_tokens=4, ignore_eos=True)
-        assert r.replica == server and len(r.samples[0].token_ids) == 4
-    for child in second_server.children:  # orphans of the crashed server
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 async def prefix_cache(url: str) -> tuple[float, float]:
@@ -197,3 +180,22 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
         assert result.samples[0].attempts == 2 and len(result.samples[0].token_ids) == 1500
         assert result.replica == made_on and done[other] == mark[other]
         assert done[made_on][1] - mark[made_on][1] >= prompt_len // 2  # the prefix was cached
+
+
+async def test_sync_over_two_replicas_with_one_killed(client, server, second_server, toy):
+    victim = second_server.url
+    transport = KillOnLoad(victim, second_server.proc)
+    async with RemoteInferenceClient([server, victim], transport=transport) as rc:
+        before = (await rc.list_loras())[server]["meow"]["version"]
+        with pytest.raises(FanoutError) as err:
+            await rc.sync_lora("meow", str(toy.adapters["meow"]), pause=True)
+        assert set(err.value.failures) == {victim}
+        assert "load" in err.value.failures[victim]
+        state = await loras(client)  # the survivor: on the new version, not paused
+        assert not state["meow"]["paused"] and state["meow"]["version"] == before + 1
+        # Sampling goes on through the survivor.
+        r = await rc.sample_with_retry("meow", prompt=PROMPT, max_tokens=4, ignore_eos=True)
+        assert r.replica == server and len(r.samples[0].token_ids) == 4
+    for child in second_server.children:  # orphans of the crashed server
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()

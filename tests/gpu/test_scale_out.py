@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -213,7 +214,8 @@ def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, t
     127.0.0.3 joins. Every sample ends with exactly max_tokens (what the lost replica
     made is kept, the rest is made on the other), the same tokens as an uninterrupted
     greedy run; the supervisor brings the replica back on the new node with the same
-    version, path and pause; the client follows the new replica set on its own."""
+    version, path and pause; the client follows the new replica set on its own. Then
+    the other replica's engine dies under its live actor: restarted and restored too."""
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False},
@@ -252,6 +254,29 @@ def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, t
                 assert sample.finish_reason == "length"
                 # the lost replica's tokens kept their version (spans on every chunk)
                 assert sample.lora_versions == [{"version": 12, "start": 0, "end": LOST_MAX}]
+
+            # An engine that dies under a live actor: vLLM's watchdog stops the server,
+            # the supervisor sees it and restarts that replica too, in its place.
+            head = next(u for u in status["urls"] if urlsplit(u).hostname == "127.0.0.1")
+            actor = next(
+                a
+                for a, u in zip(
+                    ray.get(sup.replicas.remote()), ray.get(sup.urls.remote()), strict=True
+                )
+                if u == head
+            )
+            (core,) = ray.get(actor.engine_core_pids.remote())
+            os.kill(core, signal.SIGKILL)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (
+                status["restarts"] == 2 and len(status["urls"]) == 2
+            ):
+                time.sleep(1)
+                status = ray.get(sup.status.remote())
+            assert status["restarts"] == 2 and not status["failures"], status
+            assert head not in status["urls"], status  # a new replica, on a new port
+            hosts = sorted(urlsplit(u).hostname for u in status["urls"])
+            assert hosts == ["127.0.0.1", "127.0.0.3"], status
 
             for url in status["urls"]:
                 state = {
