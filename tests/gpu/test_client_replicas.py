@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import signal
+from collections.abc import Awaitable
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from engine_helpers import PROMPT, loras, post, wait_in_flight, words
 
-from vllm_lora_ext.client import FanoutError, RemoteInferenceClient, RetryPolicy
+from vllm_lora_ext.client import FanoutError, RemoteInferenceClient, RetryPolicy, SampleResponse
 from vllm_lora_ext.toy.server import free_port, lora_ext_cmd, start_server, warm_up
 
 MAX_TOKENS = 300
@@ -136,14 +137,15 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
     long_prompt = " ".join([PROMPT] * 120)
     async with RemoteInferenceClient(urls) as rc:
         before = {u: await prefix_cache(u) for u in urls}
-        group = await asyncio.gather(
-            *(
-                rc.sample_with_retry(
-                    "meow", prompt=long_prompt, max_tokens=4, session="group-7", temperature=1.0
-                )
-                for _ in range(4)
+
+        def one() -> Awaitable[SampleResponse]:
+            return rc.sample_with_retry(
+                "meow", prompt=long_prompt, max_tokens=4, session="group-7", temperature=1.0
             )
-        )
+
+        # The first alone (requests prefilled in one engine step cannot hit each other's
+        # blocks), then the rest of the group together.
+        group = [await one(), *await asyncio.gather(*(one() for _ in range(3)))]
         (home,) = {r.replica for r in group}
         (away,) = set(urls) - {home}
         prompt_len = len(group[0].prompt_token_ids)
