@@ -1,4 +1,5 @@
-"""HTTP helpers for the integration tests: plain and streamed completions."""
+"""HTTP helpers for the integration tests: plain and streamed completions, vLLM's
+metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "the cat says"
 
@@ -137,3 +139,11 @@ def server_pid(url: str) -> int:
         for c in psutil.net_connections(kind="tcp")
         if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
     )
+
+
+def vllm_metric(url: str, name: str) -> float:
+    """A sample of a replica's ``/metrics`` (e.g. ``vllm:prefix_cache_hits_total``),
+    summed over its series."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = text_string_to_metric_families(text)
+    return sum(s.value for f in families for s in f.samples if s.name == name)

@@ -14,7 +14,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from engine_helpers import PROMPT, loras, post, wait_in_flight, words
+from engine_helpers import PROMPT, loras, post, vllm_metric, wait_in_flight, words
 
 from vllm_lora_ext.client import FanoutError, RemoteInferenceClient, RetryPolicy, SampleResponse
 from vllm_lora_ext.toy.server import free_port, lora_ext_cmd, start_server, warm_up
@@ -114,16 +114,12 @@ class KillOnLoad(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(request)
 
 
-async def prefix_cache(url: str) -> tuple[float, float]:
+def prefix_cache(url: str) -> tuple[float, float]:
     """(queried, hit) prompt tokens of a replica's prefix cache, from vLLM's counters."""
-    async with httpx.AsyncClient() as c:
-        text = (await c.get(f"{url}/metrics", timeout=10)).text
-    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
+    return (
+        vllm_metric(url, "vllm:prefix_cache_queries_total"),
+        vllm_metric(url, "vllm:prefix_cache_hits_total"),
+    )
 
 
 async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
@@ -136,7 +132,7 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
     urls = [server, second_server.url]
     long_prompt = " ".join([PROMPT] * 120)
     async with RemoteInferenceClient(urls) as rc:
-        before = {u: await prefix_cache(u) for u in urls}
+        before = {u: prefix_cache(u) for u in urls}
 
         def one() -> Awaitable[SampleResponse]:
             return rc.sample_with_retry(
@@ -149,7 +145,7 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
         (home,) = {r.replica for r in group}
         (away,) = set(urls) - {home}
         prompt_len = len(group[0].prompt_token_ids)
-        after = {u: await prefix_cache(u) for u in urls}
+        after = {u: prefix_cache(u) for u in urls}
         assert after[away] == before[away], "a sample of the group went elsewhere"
         assert after[home][1] - before[home][1] >= 3 * (prompt_len // 2)  # 3 of 4 hit
 
@@ -173,11 +169,11 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
                 await asyncio.sleep(0.02)
             (made_on,) = where
             await asyncio.sleep(0.3)  # some tokens are made
-            mark = {u: await prefix_cache(u) for u in urls}
+            mark = {u: prefix_cache(u) for u in urls}
             r = await c.post(f"{made_on}/skyrl/v1/abort_lora_requests", json={"lora_name": "meow"})
             assert r.json()["aborted"] == 1, r.text
         result = await asyncio.wait_for(sample, 120)
-        done = {u: await prefix_cache(u) for u in urls}
+        done = {u: prefix_cache(u) for u in urls}
         (other,) = set(urls) - {made_on}
         assert result.samples[0].attempts == 2 and len(result.samples[0].token_ids) == 1500
         assert result.replica == made_on and done[other] == mark[other]

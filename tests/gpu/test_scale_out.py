@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
-from engine_helpers import words
+from engine_helpers import vllm_metric, words
 
 from vllm_lora_ext.toy.server import server_args
 
@@ -200,14 +200,6 @@ def test_tp2_replica_runs_in_its_placement_group_with_per_adapter_control(toy):
         ray.shutdown()
 
 
-def running(url: str) -> float:
-    """Requests running on a replica's engine (vLLM's gauge)."""
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, tmp_path):
     """Two replicas on two nodes serve woof's weights as meow@12 (woof paused). A group
     of samples streams from the replica on 127.0.0.2 when that node leaves the cluster;
@@ -331,7 +323,7 @@ async def _sample_through_node_loss(client, cluster, doomed, remote: str, step: 
             )
         )
         for _ in range(1200):
-            if group.done() or running(remote) >= 2:
+            if group.done() or vllm_metric(remote, "vllm:num_requests_running") >= 2:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # tokens are streaming
