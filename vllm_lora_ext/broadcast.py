@@ -25,7 +25,6 @@ RAM-backed root instead (:func:`ram_root`, ``/dev/shm``), which never touches a 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import mmap
@@ -37,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import xxhash
 from pydantic import BaseModel, Field, model_validator
@@ -358,48 +357,29 @@ def verify_step(path: Path | str, check_sums: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def link_step(step: Path | str, dest: Path, manifest: Mapping[str, Any]) -> bool:
-    """Hard-link the manifest's files of ``step`` into ``dest``; False (nothing left
-    behind) where the filesystem cannot link across (another device). Check the links
-    with :func:`verify_linked` before anything is served from them.
-
-    Safe because a published step is immutable by protocol (``publish`` never rewrites
-    one; different content for an existing step is refused): the link keeps the
-    verified bytes alive whatever the cleaner or the trainer deletes. A step rewritten
-    in place breaks the protocol, and a version linked to it would reload the new bytes
-    after vLLM evicted it from its CPU cache."""
+def copy_verified(
+    step: Path | str,
+    dest: Path,
+    manifest: Mapping[str, Any],
+    open_source: Callable[[Path], contextlib.AbstractContextManager[BinaryIO]] | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> None:
+    """Copy the manifest's files of ``step`` (those ``keep`` accepts) into ``dest`` in
+    one pass, hashing the very bytes written: the copy holds
+    exactly what the manifest names, or :class:`CorruptStepError` (the step is corrupt,
+    or was rewritten while copied). ``open_source`` opens a file of the step (a server
+    opens it under its roots, without following links)."""
     src = Path(step)
-    dest.mkdir(parents=True)
-    try:
-        for name, _ in _files(manifest):
-            os.link(src / name, dest / name)
-    except OSError as e:
-        shutil.rmtree(dest, ignore_errors=True)
-        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            return False
-        raise
-    return True
-
-
-def verify_linked(dest: Path, manifest: Mapping[str, Any], step: Path | str) -> None:
-    """The linked files of ``step`` in ``dest`` hold what the manifest names, or
-    :class:`CorruptStepError`."""
-    for name, meta in _files(manifest):
-        _check_digest(dest / name, meta, Path(step) / name)
-
-
-def copy_verified(step: Path | str, dest: Path, manifest: Mapping[str, Any]) -> None:
-    """Copy the manifest's files of ``step`` into ``dest`` in one pass, hashing the very
-    bytes written: the copy holds exactly what the manifest names, or
-    :class:`CorruptStepError` (the step is corrupt, or was rewritten while copied)."""
-    src = Path(step)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     buf = bytearray(_CHUNK * 8)
     view = memoryview(buf)
     for name, meta in _files(manifest):
+        if keep is not None and not keep(name):
+            continue
         algorithm, digest = _expected(meta)
         h = _HASHES[algorithm]()
-        with (src / name).open("rb", buffering=0) as fin, (dest / name).open("wb") as fout:
+        opened = open_source(src / name) if open_source else (src / name).open("rb", buffering=0)
+        with opened as fin, (dest / name).open("wb") as fout:
             while n := fin.readinto(buf):
                 h.update(view[:n])
                 fout.write(view[:n])

@@ -30,12 +30,13 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from httpx_sse import EventSource
 from pydantic import BaseModel, Field
 from tenacity import (
     AsyncRetrying,
@@ -45,6 +46,8 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+
+from vllm_lora_ext import continuable
 
 ROUTES = "/skyrl/v1"
 VERSION_HEADER = "x-lora-version"
@@ -102,11 +105,13 @@ class ClientError(Exception):
 
 
 class RequestRejected(ClientError):
-    """The server refused the request (4xx): retrying it unchanged cannot help."""
+    """The server refused the request (4xx): retrying it unchanged cannot help.
+    ``partial`` holds what ``sample_with_retry`` had made before (None from ``sample``)."""
 
     def __init__(self, status: int, message: str, replica: str) -> None:
         super().__init__(f"{replica} answered {status}: {message}")
         self.status, self.message, self.replica = status, message, replica
+        self.partial: SampleResponse | None = None
 
 
 class NoReplicaAvailable(ClientError):
@@ -322,7 +327,13 @@ class RemoteInferenceClient:
         await self.refresh_replicas()
         while True:
             replica = self._pick(tried, route)
-            if await self._healthy(replica):
+            try:
+                healthy = await self._healthy(replica)
+            except BaseException:  # cancelled while probing: the pick is not in flight
+                with self._lock:
+                    replica.in_flight -= 1
+                raise
+            if healthy:
                 return replica
             self._done(replica, failed=True)
             tried.add(replica.url)
@@ -398,13 +409,11 @@ class RemoteInferenceClient:
         )
         given = prompt_token_ids if prompt_token_ids is not None else prompt
         assert given is not None  # (checked by _body)
-        await asyncio.gather(
-            *(
-                self._finish_sample(
-                    state, i, model, given, max_tokens, sampling, policy, deadline, stream
-                )
-                for i in range(len(state.samples))
+        await _all_or_none(
+            self._finish_sample(
+                state, i, model, given, max_tokens, sampling, policy, deadline, stream
             )
+            for i in range(len(state.samples))
         )
         versions = [s.lora_versions[-1]["version"] for s in state.samples if s.lora_versions]
         state.version = max(versions) if versions else state.version
@@ -431,6 +440,10 @@ class RemoteInferenceClient:
             if left <= 0:  # aborted exactly at the budget: that is a length finish
                 sample.finish_reason = "length"
                 return
+            why = continuable.why_not(sampling)
+            if why is not None:  # a continuation would not be the same generation
+                sample.stop_reason = continuable.PREFIX + why
+                return
             if sample.attempts >= policy.max_attempts:
                 raise SampleRetryError(
                     f"sample {index} still aborted after {sample.attempts} attempts", state
@@ -445,7 +458,13 @@ class RemoteInferenceClient:
                 model, ids, text, left, 1, _continued(sampling, len(sample.token_ids)), stream
             )
             route = _Route(None, replica=state.replica)
-            seg = await self._retrying(body, policy, deadline, state, progress=True, route=route)
+            try:
+                seg = await self._retrying(
+                    body, policy, deadline, state, progress=True, route=route
+                )
+            except RequestRejected as e:  # e.g. the adapter was unloaded meanwhile
+                e.partial = state
+                raise
             state.prompt_token_ids = state.prompt_token_ids or seg.prompt_token_ids
             state.replica = seg.replica
             sample.attempts += 1
@@ -548,13 +567,15 @@ class RemoteInferenceClient:
                     await r.aread()
                     _check_status(r, url)
                 got.version = r.headers.get(VERSION_HEADER)
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
+                async for sse in EventSource(r).aiter_sse():
+                    if sse.data == "[DONE]" or not sse.data:
                         continue
                     try:
-                        event = json.loads(line[6:])
+                        event = json.loads(sse.data)
                     except ValueError:
-                        broken, code = f"not an event: {line[:200]!r}", 500
+                        event = None
+                    if not isinstance(event, dict):
+                        broken, code = f"not an event: {sse.data[:200]!r}", 500
                         break
                     if "error" in event:  # vLLM reports a failure mid-stream this way
                         broken, code = _error_of(event)
@@ -730,6 +751,23 @@ class RemoteInferenceClient:
                 "sync_lora", {url: "; ".join(steps) for url, steps in failures.items()}, results
             )
         return results
+
+
+async def _all_or_none(coros: Iterable[Awaitable[None]]) -> None:
+    """Run ``coros`` together; the first to fail cancels the others (they must not
+    keep retrying for a caller that already has the exception), then raises."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
 
 
 def _load_payload(

@@ -4,12 +4,17 @@ registered."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
-from engine_helpers import complete, loras, post, words
+from engine_helpers import PROMPT, body, complete, loras, post, words
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(
@@ -115,3 +120,131 @@ async def test_adapter_name_rules(client, toy):
 async def test_unknown_model_in_completion_is_404(client):
     r = await client.post("/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 404
+
+
+async def _engine_alive(client) -> None:
+    assert (await client.get("/health")).status_code == 200
+    out = await complete(client, "woof", 4)
+    assert words(out["choices"][0]["text"]) == ["woof"] * 4
+
+
+def _prompt_logprobs(choice_or_body: dict) -> list:
+    return [
+        None if lp is None else sorted((k, round(v["logprob"], 3)) for k, v in lp.items())
+        for lp in choice_or_body["prompt_logprobs"]
+    ]
+
+
+async def test_prompt_logprobs_in_a_batch_are_served_on_every_route(client):
+    """vLLM 0.32's CPU LoRA logits path ended the engine for every tenant when a request
+    with prompt_logprobs shared a batch with any other (its n > 1 children, another
+    tenant's request, the base model's too): now served, with the prompt logprobs a
+    lone request gets."""
+    alone = await complete(client, "meow", 4, prompt_logprobs=1)
+    want = _prompt_logprobs(alone["choices"][0])
+    prompt_ids = (await client.post("/tokenize", json={"model": "meow", "prompt": PROMPT})).json()
+    requests = [
+        ("/v1/completions", {**body("meow", 4), "n": 2, "temperature": 1, "prompt_logprobs": 1}),
+        (
+            "/inference/v1/generate",
+            {
+                "model": "meow",
+                "token_ids": prompt_ids["tokens"],
+                "sampling_params": {
+                    "n": 2,
+                    "temperature": 1,
+                    "max_tokens": 4,
+                    "prompt_logprobs": 1,
+                },
+            },
+        ),
+    ]
+    for path, payload in requests:
+        r = await client.post(path, json=payload)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        got = r.json()
+        assert _prompt_logprobs(got if "prompt_logprobs" in got else got["choices"][0]) == want
+        await _engine_alive(client)
+    chat = {
+        "model": "meow",
+        "messages": [{"role": "user", "content": "the cat says"}],
+        "max_tokens": 4,
+        "n": 2,
+        "temperature": 1,
+        "prompt_logprobs": 1,
+    }
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    # Beside another tenant's running request: on an adapter and on the base model.
+    for model in ("meow", "toy-base"):
+        other = asyncio.create_task(complete(client, "woof", 200))
+        await asyncio.sleep(0.3)
+        lone = await complete(client, model, 4, prompt_logprobs=0)
+        assert lone["choices"][0]["prompt_logprobs"]
+        assert words((await other)["choices"][0]["text"]) == ["woof"] * 200
+        await _engine_alive(client)
+
+
+SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "n": st.integers(1, 3),
+        "temperature": st.sampled_from([0.0, 0.7, 1.0]),
+        "top_p": st.sampled_from([0.5, 1.0]),
+        "top_k": st.sampled_from([-1, 1, 5]),
+        "min_p": st.sampled_from([0.0, 0.2]),
+        "seed": st.integers(0, 2**31 - 1),
+        "logprobs": st.sampled_from([0, 1, 5]),
+        "prompt_logprobs": st.sampled_from([0, 1, 5]),
+        "presence_penalty": st.sampled_from([0.0, 1.0]),
+        "frequency_penalty": st.sampled_from([0.0, 1.0]),
+        "repetition_penalty": st.sampled_from([1.0, 1.3]),
+        "min_tokens": st.integers(0, 4),
+        "stop": st.sampled_from([["woof"], ["meow", "cat"]]),
+        "ignore_eos": st.booleans(),
+        "echo": st.booleans(),
+        "logit_bias": st.just({"5": 10.0}),
+        "allowed_token_ids": st.just([5, 6, 7, 8, 9, 10]),
+        "bad_words": st.just(["meow"]),
+        "stream": st.booleans(),
+        "include_stop_str_in_output": st.booleans(),
+        "skip_special_tokens": st.booleans(),
+    },
+)
+
+
+async def test_no_sampling_parameters_end_the_engine_on_an_adapter(client):
+    """A fuzz of sampling parameters on an adapter, on the real engine: every request is
+    answered (200 or a 4xx naming the problem) and the engine serves afterwards. The
+    fuzz found prompt logprobs in a shared batch (above), base model included."""
+    seen: list[dict] = []
+
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(sampling=SAMPLING, model=st.sampled_from(["meow", "woof"]))
+    def one(sampling: dict, model: str) -> None:
+        seen.append(sampling)
+        payload = {"model": model, "prompt": "the cat says", "max_tokens": 6, **sampling}
+        if payload.get("n", 1) > 1 and payload.get("temperature", 1.0) == 0:
+            payload["temperature"] = 1.0  # vLLM's own refusal, not ours to find
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as c:
+            # Another tenant's request in the same batches (a lone request hides the
+            # bugs that only a shared batch shows).
+            other = {"model": "woof", "prompt": PROMPT, "max_tokens": 40, "ignore_eos": True}
+            with ThreadPoolExecutor(1) as pool:
+                background = pool.submit(c.post, "/v1/completions", json=other)
+                r = c.post("/v1/completions", json=payload)
+                assert background.result().status_code == 200, ("tenant B failed", payload)
+            assert r.status_code < 500, (payload, r.status_code, r.text[:500])
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], r.text
+            health = c.get("/health")
+            assert health.status_code == 200, ("engine died after", payload)
+
+    await asyncio.to_thread(one)
+    assert len(seen) >= 10
+    await _engine_alive(client)

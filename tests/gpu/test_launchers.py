@@ -4,7 +4,9 @@ a Ray actor. Each starts its own engine and must leave no engine process behind.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import httpx
 import psutil
@@ -37,6 +39,47 @@ def _smoke(url: str, headers: dict[str, str] | None = None) -> None:
         assert c.post("/skyrl/v1/resume", json={"lora_name": "meow"}).status_code == 200
 
 
+def _route_table(log: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(open, guarded) as (method, path), from the table the guard logs at start-up."""
+    line = next(
+        line for line in log.read_text().splitlines() if "open without the admin key:" in line
+    )
+    opened, guarded = line.split("open without the admin key:", 1)[1].split(" | guarded: ")
+
+    def pairs(text: str) -> list[tuple[str, str]]:
+        out = []
+        for item in filter(None, (x.strip() for x in text.split(";"))):
+            methods, path = item.split(" ", 1)
+            out += [(m, path) for m in methods.split(",") if m != "HEAD"]
+        return out
+
+    return pairs(opened), pairs(guarded)
+
+
+def _every_route_needs_the_key_but_the_open_ones(url: str, log: Path) -> None:
+    """The live app's whole route table, with a key set and --root-path /api: every
+    route but the open list answers 401 without the key, at /path and at /api/path."""
+    opened, guarded = _route_table(log)
+    paths = {p for _, p in guarded}
+    for must in ("/collective_rpc", "/sleep", "/wake_up", "/update_weights", "/pause"):
+        assert must in paths, (must, sorted(paths))
+    assert ("/inference/v1/abort_requests" in paths) and ("/adapters" in paths)
+    assert ("POST", "/v1/completions") in opened and ("GET", "/health") in opened
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for method, path in guarded:
+            concrete = re.sub(r"{[^}]+}", "x", path) if method != "*" else path + "/x"
+            for prefix in ("", "/api"):
+                for m in ("GET", "POST") if method == "*" else (method,):
+                    r = c.request(m, prefix + concrete, json={})
+                    assert r.status_code == 401, (m, prefix + concrete, r.status_code, r.text)
+        for method, path in opened:
+            if "{" in path:
+                continue
+            for prefix in ("", "/api"):
+                r = c.request(method, prefix + path, json={})
+                assert r.status_code != 401, (method, prefix + path)
+
+
 def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
     """Stock vLLM's launcher with the plugin, configured from the environment: admin
     token, allowed roots, metrics."""
@@ -52,9 +95,11 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_SERVER_DEV_MODE": "1",
     }
-    server = start_server(stock_vllm_cmd(toy, port), port, tmp_path / "stock.log", env)
+    cmd = [*stock_vllm_cmd(toy, port), "--root-path", "/api"]
+    server = start_server(cmd, port, tmp_path / "stock.log", env)
     try:
         _smoke(server.url, {"Authorization": "Bearer sekret"})
+        _every_route_needs_the_key_but_the_open_ones(server.url, tmp_path / "stock.log")
         with httpx.Client(base_url=server.url, timeout=60) as c:
             for token in (None, "Bearer wrong"):
                 r = c.post(
@@ -63,7 +108,8 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
                     headers={"Authorization": token} if token else {},
                 )
                 assert r.status_code == 401 and "admin token" in r.json()["error"]["message"]
-            assert not c.get("/skyrl/v1/loras").is_success
+            assert c.get("/skyrl/v1/state").status_code == 401
+            assert c.get("/skyrl/v1/loras").status_code == 200  # read-only: open
             auth = {"Authorization": "Bearer sekret"}
             for path, status in [
                 (outside, 403),

@@ -119,37 +119,6 @@ def test_copy_verified_copies_exactly_the_manifest_or_refuses(tmp_path):
         broadcast.copy_verified(out.path, tmp_path / "copy2", manifest)
 
 
-def test_link_verified_links_a_step_on_the_same_filesystem(tmp_path, monkeypatch):
-    out = publish(adapter(tmp_path), tmp_path / "root", 2)
-    manifest = verify_step(out.path, check_sums=False)
-    dest = tmp_path / "stage" / "v1"
-    assert broadcast.link_step(out.path, dest, manifest)
-    broadcast.verify_linked(dest, manifest, out.path)
-    for name in manifest["files"]:
-        assert (dest / name).stat().st_ino == (out.path / name).stat().st_ino
-    data = (dest / "adapter_model.safetensors").read_bytes()
-    clean(tmp_path / "root", 9, RetentionConfig(max_async_level=0))  # the cleaner deletes it
-    assert not out.path.exists() and (dest / "adapter_model.safetensors").read_bytes() == data
-
-    bad = publish(adapter(tmp_path, "b"), tmp_path / "root", 3)
-    f = bad.path / "adapter_model.safetensors"
-    flipped = bytearray(f.read_bytes())
-    flipped[-1] ^= 1
-    f.write_bytes(bytes(flipped))
-    bad_manifest = verify_step(bad.path, check_sums=False)
-    assert broadcast.link_step(bad.path, tmp_path / "stage" / "v2", bad_manifest)
-    with pytest.raises(CorruptStepError, match="xxh3_128"):
-        broadcast.verify_linked(tmp_path / "stage" / "v2", bad_manifest, bad.path)
-
-    def cross_device(src, dst):
-        raise OSError(broadcast.errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(broadcast.os, "link", cross_device)
-    other = publish(adapter(tmp_path, "c"), tmp_path / "root", 4)
-    assert not broadcast.link_step(other.path, tmp_path / "stage" / "v3", manifest)
-    assert not (tmp_path / "stage" / "v3").exists()  # nothing left: the caller copies
-
-
 def test_sha256_manifests_from_other_publishers_are_still_verified(tmp_path):
     out = publish(adapter(tmp_path), tmp_path / "root", 2)
     manifest = verify_step(out.path)

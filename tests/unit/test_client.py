@@ -386,3 +386,72 @@ async def test_the_client_follows_its_replica_source():
     current = None  # the source fails: the set stays
     r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
     assert r.replica in {"http://r1", "http://r2"} and len(client.replicas) == 2
+
+
+async def test_one_failed_sample_cancels_the_others_and_keeps_the_partial():
+    """Sample 0's continuation is refused (its adapter was unloaded); sample 1 keeps
+    meeting 503s. The caller gets the refusal with what was made, and sample 1 stops
+    retrying at once (it went on until the deadline)."""
+    script = [("abort", 2, (0, 1)), (404, "unknown adapter 'meow'"), *[(503, "paused")] * 500]
+    client, (server,), _ = make(script)
+    with pytest.raises(RequestRejected) as err:
+        await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=8, n=2)
+    assert err.value.status == 404
+    partial = err.value.partial
+    assert partial is not None and [s.token_ids for s in partial.samples] == [
+        expected_tokens(2),
+        expected_tokens(2),
+    ]
+    calls = len(server.calls)
+    await asyncio.sleep(0.3)
+    assert len(server.calls) == calls  # nobody is retrying for a caller who has the error
+    assert client.replicas[0].in_flight == 0
+
+
+async def test_a_sample_cancelled_during_a_health_probe_leaves_nothing_in_flight():
+    client, _, _ = make([])
+    replica = client.replicas[0]
+    replica.suspect = True
+    probing = asyncio.Event()
+
+    async def slow_probe(r):
+        probing.set()
+        await asyncio.sleep(60)
+        return True
+
+    client._healthy = slow_probe  # type: ignore[method-assign]
+    task = asyncio.create_task(client.sample("meow", prompt_token_ids=PROMPT_IDS))
+    await asyncio.wait_for(probing.wait(), 5)
+    assert replica.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert replica.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"stop": ["</answer>"]},
+        {"presence_penalty": 0.5},
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"regex": "a+"}},
+    ],
+)
+async def test_samples_that_cannot_be_continued_exactly_end_partial_saying_why(sampling):
+    client, (server,), _ = make([("abort", 3)])
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=10, **sampling
+    )
+    s = r.samples[0]
+    assert s.finish_reason == "abort" and s.token_ids == expected_tokens(3)
+    assert s.stop_reason.startswith("not continued: ") and len(server.calls) == 1
+
+
+async def test_repetition_penalty_is_continued_it_covers_the_prompt_too():
+    client, (server,), _ = make([("abort", 3)])
+    r = await client.sample_with_retry(
+        "meow", prompt_token_ids=PROMPT_IDS, max_tokens=10, repetition_penalty=1.2
+    )
+    check_aligned(r.samples[0], 10)
+    assert len(server.calls) == 2

@@ -22,6 +22,7 @@ from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.server import attribution, metrics
+from vllm_lora_ext.server.files import ADAPTER_FILES
 from vllm_lora_ext.server.manager import LoraManager
 
 _made: list[tuple[LoraManager, FakeEngine]] = []
@@ -191,6 +192,30 @@ async def test_wait_mode_timeout_undoes_the_pause(tmp_path):
     await task
 
 
+async def test_a_failed_wait_pause_restores_another_callers_keep_pause(tmp_path):
+    """Controller A paused meow (keep) for a swap; controller B's pause(wait) times out:
+    meow must stay paused as A left it, its held request still held (not resumed)."""
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 100})
+    engine.step()
+    running = run(engine, "r1")
+    await wait_until(lambda: "r1" in engine.running)
+    await m.pause("meow", "keep", None)
+    held = run(engine, "r2")
+    await wait_until(lambda: len(m.registry.get("meow").waiters) == 1)
+    with pytest.raises(AdapterBusyError) as err:
+        await m.pause("meow", "wait", 0.05)  # r1 is stopped but not finished: in flight
+    assert err.value.status == 409
+    adapter = m.registry.get("meow")
+    assert adapter.paused and adapter.pause_mode == "keep"
+    await asyncio.sleep(0.02)
+    assert not held.done() and len(adapter.waiters) == 1
+    m.resume("meow")
+    engine.manual = False
+    engine._run_output_handler()
+    for task in (running, held):
+        assert (await asyncio.wait_for(task, 5))[-1].finished
+
+
 async def test_wait_mode_returns_when_the_last_request_ends(tmp_path):
     m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 3})
     task = run(engine, "r1")
@@ -315,6 +340,51 @@ async def test_continuations_keep_the_callers_request_id(tmp_path):
     engine.step(10)
     out = (await task)[-1].outputs[0]
     assert out.token_ids == [token_at(p) for p in range(10)] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("presence_penalty", 0.5), ("frequency_penalty", -0.3), ("stop", ["</answer>"])],
+)
+@pytest.mark.parametrize("kind", [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA])
+async def test_a_keep_pause_ends_what_cannot_be_continued_exactly(tmp_path, field, value, kind):
+    """Presence/frequency penalties count only a segment's own tokens, a stop string
+    could span the boundary: such a request ends partial at the pause, saying why, and
+    nothing is continued (it used to be, silently different)."""
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 10})
+    task = run(engine, "r1", kind=kind, **{field: value})
+    await wait_until(lambda: "r1" in engine.running)
+    engine.step(4)
+    await m.pause("meow", "keep", None)
+    outs = await asyncio.wait_for(task, 5)
+    out = outs[-1].outputs[0]
+    assert out.finish_reason == "abort" and out.stop_reason.startswith("not continued: ")
+    assert tokens_of(outs, kind) == [token_at(p) for p in range(4)]
+    m.resume("meow")
+    assert flights(m) == 0 and not engine.running
+
+
+async def test_a_sweep_between_n_children_reaches_every_child(tmp_path):
+    """vLLM sends the children of an n > 1 request to the engine core one at a time;
+    an abort landing between two sends must still stop the ones sent after it (they
+    escaped: the repair read the parent's children after the abort had emptied it)."""
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 10})
+    real = engine.engine_core.add_request_async
+    sent: list[str] = []
+
+    async def add(request) -> None:
+        await real(request)
+        sent.append(request.request_id)
+        if len(sent) == 1:
+            assert await m.abort("meow") == 1  # between the first child and the rest
+
+    engine.engine_core.add_request_async = add
+    task = run(engine, "r1", n=3)
+    await wait_until(lambda: len(sent) == 3)
+    outs = await asyncio.wait_for(task, 5)
+    assert not engine.engine_core.requests, engine.engine_core.requests  # none escaped
+    assert {c.finish_reason for c in outs[-1].outputs} == {"abort"}
+    assert flights(m) == 0
 
 
 async def test_requests_that_bypass_generate_are_refused(tmp_path):
@@ -482,14 +552,14 @@ async def test_a_full_ram_stage_spills_to_disk_and_both_are_cleaned(tmp_path, mo
     ram = m.staging.root
     real_copy = staging.Staging._copy
 
-    def copy(version, dest, manifest):
+    def copy(self, version, dest, manifest):
         if dest.parent == ram:
             dest.mkdir()
             (dest / "part").write_bytes(b"x")
             raise OSError(staging.errno.ENOSPC, "No space left on device")
-        real_copy(version, dest, manifest)
+        real_copy(self, version, dest, manifest)
 
-    monkeypatch.setattr(staging.Staging, "_copy", staticmethod(copy))
+    monkeypatch.setattr(staging.Staging, "_copy", copy)
     v2 = (await m.load("meow", str(write_adapter(tmp_path / "meow2")))).version
     spilled = Path(v2.load_path)
     assert spilled.parent != ram and (spilled / "adapter_config.json").is_file()
@@ -665,25 +735,34 @@ async def test_broadcast_step_loads_once_stable_and_holds_a_lease(tmp_path):
     await wait_until(lambda: not lease.exists())  # evicted: lease released
 
 
-async def test_a_step_on_the_stage_filesystem_is_linked_and_verified_while_loading(tmp_path):
+async def test_a_step_on_the_stage_filesystem_is_copied_never_linked(tmp_path):
+    """A hard link would share the trainer's file: a step rewritten or truncated in
+    place would change (or, mapped by the worker, crash) a live version."""
     m, engine = await make(tmp_path, stage_dir=tmp_path / "stage")
     good = broadcast.publish(write_adapter(tmp_path / "src2"), tmp_path / "bc", 2)
     v2 = (await m.load("meow", str(good.path))).version
     weights = "adapter_model.safetensors"
-    assert (Path(v2.load_path) / weights).stat().st_ino == (good.path / weights).stat().st_ino
-    shutil.rmtree(good.path)  # the cleaner: the link keeps the bytes
-    assert (Path(v2.load_path) / weights).is_file()
+    staged = Path(v2.load_path) / weights
+    assert staged.is_relative_to(tmp_path / "stage")
+    assert staged.stat().st_ino != (good.path / weights).stat().st_ino
+    before = staged.read_bytes()
+    published = set(broadcast.verify_step(good.path, check_sums=False)["files"])
+    os.truncate(good.path / weights, 4)  # the trainer rewrites its step in place
+    assert staged.read_bytes() == before
+    assert set(os.listdir(v2.load_path)) == published & ADAPTER_FILES
 
     bad = broadcast.publish(write_adapter(tmp_path / "src3"), tmp_path / "bc", 3)
     f = bad.path / "adapter_config.json"  # valid, same size, not what was published
     f.write_text(f.read_text().replace('"r": 8', '"r": 4'))
     await wait_until(lambda: list(engine.loaded) == [v2.lora_int_id])  # v1 left (window 1)
-    before = dict(engine.loaded)
+    before_engine = dict(engine.loaded)
     with pytest.raises(broadcast.CorruptStepError, match="xxh3_128") as err:
         await m.load("meow", str(bad.path))
     assert err.value.status == 422
-    assert m.registry.get("meow").current == 2 and engine.loaded == before  # nothing left
-    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == [Path(v2.load_path).name]
+    assert m.registry.get("meow").current == 2 and engine.loaded == before_engine
+    assert [p.name for p in m.staging.root.iterdir() if not p.name.startswith(".")] == [
+        Path(v2.load_path).name
+    ]
 
 
 async def test_broadcast_step_never_ready_is_425_and_old_version_serves(tmp_path):

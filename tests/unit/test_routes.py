@@ -50,7 +50,8 @@ async def test_admin_token_is_required_and_refusals_are_logged(served, caplog):
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic sekret"}):
         r = await c.post("/skyrl/v1/pause", json={"lora_name": "meow"}, headers=headers)
         assert r.status_code == 401 and "admin token" in r.json()["error"]["message"]
-    assert (await c.get("/skyrl/v1/loras")).status_code == 401
+    assert (await c.get("/skyrl/v1/state")).status_code == 401
+    assert (await c.get("/skyrl/v1/loras")).status_code == 200  # read-only: open
     ok = await c.post("/skyrl/v1/pause", json={"lora_name": "meow", "mode": "abort"}, headers=AUTH)
     assert ok.status_code == 200
     records = [
@@ -171,32 +172,69 @@ def test_fuzz_control_routes_never_5xx_or_hang(op, tmp_path_factory):
         runner.close()
 
 
-async def test_vllm_control_routes_need_the_admin_token():
-    """vLLM's own control routes (LoRA load/unload, dev-mode pause/resume/abort) answer
-    401 in vLLM's error format without the admin key; its other routes are untouched."""
-    from types import SimpleNamespace
+def _vllm_app(root_path: str | None):
+    """vLLM's own app (its build_app, every optional route on) with the plugin attached:
+    no engine is needed to route."""
+    import os
 
-    from pydantic import SecretStr
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+    from vllm.entrypoints.launchers.app import build_app
 
-    from vllm_lora_ext.server.auth import VllmControlGuard
+    from vllm_lora_ext.server.app import parse_server_args
+    from vllm_lora_ext.server.plugin import ensure_attached
 
-    async def ok(request):
-        return JSONResponse({"ok": True})
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        argv = ["--model", "/no/model", "--enable-lora", "--enable-scale-out"]
+        args = parse_server_args([*argv, *(["--root-path", root_path] if root_path else [])])
+        app = build_app(args, ("generate",), None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    ensure_attached(app, LoraExtConfig(admin_key="k", stage_adapters=False))
+    return app
 
-    paths = ["/pause", "/resume", "/abort_requests", "/v1/load_lora_adapter", "/v1/completions"]
-    app = Starlette(
-        routes=[Route(p, ok, methods=["POST"]) for p in paths],
-        middleware=[Middleware(VllmControlGuard)],
-    )
-    app.state.lora_ext = SimpleNamespace(config=SimpleNamespace(admin_key=SecretStr("k")))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-        for path in paths[:-1]:
-            r = await c.post(path)
-            assert r.status_code == 401 and r.json()["error"]["code"] == 401, path
-            assert (await c.post(path, headers={"Authorization": "Bearer k"})).status_code == 200
-        assert (await c.post("/v1/completions")).status_code == 200
+
+@pytest.mark.parametrize("root_path", [None, "/api"])
+async def test_every_route_but_the_open_list_needs_the_admin_key(root_path):
+    """Deny by default over vLLM's whole route table, decided on the routed path: with
+    --root-path, /api/pause is /pause and is guarded the same."""
+    import re
+
+    from starlette.routing import Mount
+
+    from vllm_lora_ext.server.auth import OPEN
+
+    app = _vllm_app(root_path)
+    routes = [r for r in app.router.routes if getattr(r, "path", None)]
+    paths = {r.path for r in routes}
+    for must in ("/collective_rpc", "/sleep", "/update_weights", "/adapters", "/pause"):
+        assert must in paths, must  # the route table this test stands on
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    seen_open = set()
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=5) as c:
+        for route in routes:
+            path = re.sub(r"{[^}]+}", "x", route.path)
+            methods = sorted(getattr(route, "methods", None) or ["GET", "POST"])
+            for method in (m for m in methods if m != "HEAD"):
+                for prefix in ("", *([root_path] if root_path else [])):
+                    url = prefix + path + ("/x" if isinstance(route, Mount) else "")
+                    r = await c.request(method, url, json={})
+                    if (method, route.path) in OPEN and not isinstance(route, Mount):
+                        seen_open.add((method, route.path))
+                        assert r.status_code != 401, (method, url)
+                    else:
+                        assert r.status_code == 401, (method, url, r.status_code)
+                        assert r.json()["error"]["code"] == 401
+                        if method == "POST" and route.path in ("/pause", "/collective_rpc"):
+                            r = await c.request(
+                                method, url, json={}, headers={"Authorization": "Bearer k"}
+                            )
+                            assert r.status_code != 401, url
+        # A path no route serves is refused too (deny by default), not a 404 leak.
+        assert (await c.post("/no/such/route")).status_code == 401
+    assert ("POST", "/v1/completions") in seen_open and ("GET", "/skyrl/v1/loras") in seen_open

@@ -78,3 +78,65 @@ def test_target_modules_must_exist_in_the_model(tmp_path):
     with pytest.raises(InvalidAdapterError, match="lacks: v_proj"):
         check_adapter_dir(str(bad), 16, modules)
     assert model_module_names(str(tmp_path / "not-local")) is None
+
+
+def _weights(d, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"r": 8, "rank_pattern": [4]}, "rank_pattern must be an object"),
+        ({"r": 8, "rank_pattern": {"q_proj": "4"}}, "invalid rank"),
+        ({"r": 8, "alpha_pattern": "x"}, "alpha_pattern must be an object"),
+        ({"r": 8, "lora_alpha": "16"}, "invalid lora_alpha"),
+        ({"r": True}, "invalid rank"),
+        ({"r": 8, "target_modules": [1, 2]}, "target_modules must be"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_400_not_500(tmp_path, config, needle):
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidAdapterError) as err:
+        check_adapter_dir(str(d), 16)
+    assert err.value.status == 400 and needle in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"dtype": "F32", "shape": [4], "data_offsets": ["0", 16]}, "corrupt entry"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16]}, "corrupt entry"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [True, 16]}, "corrupt entry"),
+        ({"dtype": "F4", "shape": [4], "data_offsets": [0, 16]}, "unsupported dtype"),
+        ({"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}, "does not fill"),
+        ({"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}, "invalid shape"),
+    ],
+)
+def test_tensor_entries_of_the_wrong_type_or_size_are_400(tmp_path, entry, needle):
+    d = write_adapter(tmp_path / "a")
+    _weights(d, {"x.lora_A.weight": entry}, bytes(16))
+    with pytest.raises(InvalidAdapterError) as err:
+        check_adapter_dir(str(d), 16)
+    assert err.value.status == 400 and needle in err.value.message
+
+
+def test_header_errors_print_no_bytes_of_the_file(tmp_path):
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 6) + b"\xffSECRET")
+    with pytest.raises(InvalidAdapterError) as err:
+        check_adapter_dir(str(d), 16)
+    assert "SECRET" not in err.value.message and "0xff" not in err.value.message
+
+
+def test_a_base_model_with_a_bad_header_skips_the_module_check(tmp_path):
+    """A corrupt header in the base model must not crash our start-up (it did: a 500
+    in a header's data_offsets became a TypeError in init_state)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}
+    raw = json.dumps({"model.q_proj.weight": entry}).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    assert model_module_names(str(model)) is None

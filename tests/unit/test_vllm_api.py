@@ -96,3 +96,35 @@ async def test_resolver_adapters_become_managed_names(hooked):
     assert missing.error.code == 404
     assert (await models.resolve_lora("found@3")).error.code == 404
     assert manager.sizes()["locks"] == 0  # resolution locks go with the resolution
+
+
+async def test_abort_requests_refuses_ids_that_are_not_a_list_of_strings(hooked):
+    import httpx
+    from fastapi import FastAPI
+
+    from vllm_lora_ext.server.vllm_api import abort_router
+
+    manager, _, _ = hooked
+    app = FastAPI()
+    app.include_router(abort_router)
+    app.state.lora_ext = manager
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for ids in ("rollout-0", [1, 2], [None], {"a": 1}, 3):
+            r = await c.post("/abort_requests", json={"request_ids": ids})
+            assert r.status_code == 400 and "list of strings" in r.json()["error"]["message"]
+        r = await c.post("/abort_requests", json={"request_ids": ["rollout-0"]})
+        assert r.status_code == 200 and r.json()["aborted"] == 1
+
+
+async def test_names_with_a_slash_load_from_a_broadcast_step(hooked, tmp_path):
+    """'team/meow' is a valid vLLM model name: its step lease must not become a path."""
+    from vllm_lora_ext import broadcast
+
+    manager, models, _ = hooked
+    step = broadcast.publish(write_adapter(tmp_path / "src"), tmp_path / "bc", 3)
+    assert "successfully" in await models.load_lora_adapter(load("team/meow", step.path))
+    assert manager.registry.get("team/meow").current == 1
+    assert len(list((step.path / broadcast.LEASES).iterdir())) == 1
+    bad = await models.load_lora_adapter(load("bad\nname", step.path))
+    assert bad.error.code == 400 and "control character" in bad.error.message

@@ -4,8 +4,12 @@ without the objects safetensors' torch loader keeps per tensor; active only when
 from __future__ import annotations
 
 import gc
+import json
+import os
+import struct
 import tracemalloc
 
+import pytest
 import safetensors
 import torch
 from safetensors.torch import save_file
@@ -62,15 +66,126 @@ def test_keeps_nothing_per_tensor(tmp_path):
 
 def test_installs_only_when_asked(monkeypatch):
     import vllm.lora.lora_model as lora_model
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vllm_lora_ext.server import worker_plugin
 
     original = lora_model.safetensors
+    logits = PunicaWrapperCPU.add_lora_logits
     monkeypatch.delenv(worker_loader.ENV_FLAG, raising=False)
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    worker_loader.install()
-    assert lora_model.safetensors is original
+    worker_plugin.install()
+    assert lora_model.safetensors is original and PunicaWrapperCPU.add_lora_logits is logits
     monkeypatch.setenv("VLLM_PLUGINS", "lora_ext")
     try:
-        worker_loader.install()
+        worker_plugin.install()
         assert lora_model.safetensors.safe_open is SafetensorsFile
+        assert PunicaWrapperCPU.add_lora_logits is not logits
     finally:
         lora_model.safetensors = original
+        PunicaWrapperCPU.add_lora_logits = logits
+
+
+def _dtypes_torch_has() -> list[torch.dtype]:
+    names = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8"]
+    names += ["uint64", "uint32", "uint16", "uint8", "bool"]
+    names += ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"]
+    return [getattr(torch, n) for n in names if hasattr(torch, n)]
+
+
+def test_every_safetensors_dtype_reads_as_safetensors_does(tmp_path):
+    tensors = {}
+    for i, dtype in enumerate(_dtypes_torch_has()):
+        tensors[f"t{i}"] = (torch.rand(3, 5) * 100).to(dtype)
+    path = str(tmp_path / "all.safetensors")
+    save_file(tensors, path)
+    with safetensors.safe_open(path, framework="pt") as theirs, SafetensorsFile(path) as ours:
+        for key in theirs.keys():
+            a, b = theirs.get_tensor(key), ours.get_tensor(key)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
+
+
+def _raw_file(path, header: dict, data: bytes, pad: int = 0) -> str:
+    raw = json.dumps(header).encode() + b" " * pad
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+def test_unaligned_tensors_are_read_right(tmp_path):
+    values = torch.arange(6, dtype=torch.float32)
+    header = {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}
+    for pad in range(4):  # every alignment of the data section
+        path = _raw_file(tmp_path / f"u{pad}", header, b"\0" + values.numpy().tobytes(), pad)
+        with SafetensorsFile(path) as f:
+            assert torch.equal(f.get_tensor("x").flatten(), values)
+
+
+def test_a_bad_file_is_a_clear_error_not_a_crash(tmp_path):
+    data = bytes(24)
+    bad = {
+        "unknown dtype": {"x": {"dtype": "F4", "shape": [6], "data_offsets": [0, 24]}},
+        "shape and span disagree": {"x": {"dtype": "F32", "shape": [7], "data_offsets": [0, 24]}},
+        "past the end": {"x": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}},
+        "offsets not ints": {"x": {"dtype": "F32", "shape": [6], "data_offsets": ["0", 24]}},
+        "shape not ints": {"x": {"dtype": "F32", "shape": "6", "data_offsets": [0, 24]}},
+    }
+    for what, header in bad.items():
+        path = _raw_file(tmp_path / "bad", header, data)
+        with pytest.raises(ValueError, match="bad safetensors entry"):
+            SafetensorsFile(path)
+            pytest.fail(what)
+
+
+def test_tensors_outlive_a_rewrite_of_the_file(tmp_path):
+    """Read, not mapped: a trainer truncating or rewriting the file in place changes
+    nothing already loaded (a private mapping would SIGBUS on the truncated pages)."""
+    path = adapter_file(tmp_path)
+    with SafetensorsFile(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    copies = {k: t.clone() for k, t in tensors.items()}
+    os.truncate(path, 8)
+    with open(path, "r+b") as out:
+        out.write(b"\xff" * 8)
+    for k, t in tensors.items():
+        assert torch.equal(t, copies[k]), k
+
+
+def test_prompt_logit_rows_that_map_to_no_request_get_no_lora_delta():
+    """vLLM's CPU LoRA logits path maps rows with one index per request; prompt logits
+    have one row per prompt token (the einsum failed and the engine died)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vllm_lora_ext.server import prompt_logprobs
+
+    original = PunicaWrapperCPU.add_lora_logits
+    calls = []
+    PunicaWrapperCPU.add_lora_logits = lambda self, y, x, *a, **k: calls.append(x.shape)
+    try:
+        prompt_logprobs.install()
+        wrapper = PunicaWrapperCPU.__new__(PunicaWrapperCPU)
+        wrapper._sampler_indices = torch.tensor([0, 1, 0, 0])
+        wrapper.indices_len = [0, 2]  # two requests sampled in this batch
+        y = torch.zeros(5, 7)
+        PunicaWrapperCPU.add_lora_logits(wrapper, y, torch.ones(5, 3), None, None, 1.0)
+        assert calls == [] and not y.any()  # 5 prompt rows: no delta, no failure
+        PunicaWrapperCPU.add_lora_logits(wrapper, y, torch.ones(2, 3), None, None, 1.0)
+        assert calls == [(2, 3)]  # one row per request: vLLM's own path
+    finally:
+        PunicaWrapperCPU.add_lora_logits = original
+
+
+def test_lm_head_adapters_are_refused_on_the_cpu_backend(tmp_path, monkeypatch):
+    from fakes import write_adapter
+
+    from vllm_lora_ext.errors import InvalidAdapterError
+    from vllm_lora_ext.server import prompt_logprobs
+    from vllm_lora_ext.server.validation import check_adapter_dir
+
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["lm_head"]}))
+    monkeypatch.setattr(prompt_logprobs, "on_cpu", lambda: True)
+    with pytest.raises(InvalidAdapterError, match="lm_head"):
+        check_adapter_dir(str(d), 16)
+    monkeypatch.setattr(prompt_logprobs, "on_cpu", lambda: False)
+    check_adapter_dir(str(d), 16)

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_lora_ext.server.continuation import Sample, Span
@@ -153,88 +154,102 @@ class AttributionMiddleware:
         if not _annotated(scope):
             await self.app(scope, receive, send)
             return
-        start: Message | None = None
-        mode: str | None = None  # "json", "sse" or "pass"
-        chunks: list[bytes] = []
-        sse_tail = b""
-        response_id: str | None = None
-
-        async def wrapped(message: Message) -> None:
-            nonlocal start, mode, sse_tail, response_id
-            if message["type"] == "http.response.start":
-                start = message
-                ctype = _header(message, "content-type") or ""
-                if message.get("status") != 200:
-                    mode = "pass"
-                elif ctype.startswith("application/json"):
-                    mode = "json"
-                elif ctype.startswith("text/event-stream"):
-                    mode = "sse"
-                else:
-                    mode = "pass"
-                if mode == "pass":
-                    await send(message)
-                    start = None
-                return
-            if message["type"] != "http.response.body" or mode == "pass":
-                await send(message)
-                return
-            if mode == "json":
-                chunks.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                raw = b"".join(chunks)
-                out, version = _annotate_json(raw, book)
-                assert start is not None
-                if version is not None:
-                    _set_header(start, VERSION_HEADER, str(version))
-                _set_header(start, "content-length", str(len(out)))
-                await send(start)
-                await send({"type": "http.response.body", "body": out, "more_body": False})
-                return
-            # Server-sent events: annotate whole events, pass the rest on as it comes.
-            data = sse_tail + message.get("body", b"")
-            events = data.split(b"\n\n")
-            sse_tail = events.pop()
-            out_events = []
-            for event in events:
-                text = event.decode("utf-8")
-                if text.startswith("data: ") and text != "data: [DONE]":
-                    try:
-                        body = json.loads(text[6:])
-                    except ValueError:
-                        body = None
-                    if isinstance(body, dict):
-                        response_id = response_id or _response_id(body)
-                        if annotate(body, book) is not None:
-                            text = "data: " + json.dumps(body, separators=(",", ":"))
-                out_events.append(text.encode("utf-8") + b"\n\n")
-            more = message.get("more_body", False)
-            if not more and sse_tail:
-                out_events.append(sse_tail)
-                sse_tail = b""
-            if not out_events and more:
-                return  # no whole event yet: headers wait for the first one (its id)
-            if start is not None:
-                admitted = book.admitted(response_id) if response_id else None
-                if admitted is not None:
-                    _set_header(start, VERSION_HEADER, str(admitted))
-                await send(start)
-                start = None
-            if out_events or not more:
-                await send(
-                    {"type": "http.response.body", "body": b"".join(out_events), "more_body": more}
-                )
-
         with recording() as book:
-            await self.app(scope, receive, wrapped)
+            await self.app(scope, receive, _Annotating(book, send).send)
+
+
+class _Annotating:
+    """The ``send`` of one annotated response: a JSON body is annotated whole, a
+    stream event by event; any other response (an error, another type) passes as is.
+    The headers wait for the body (JSON) or the first whole event (its id names the
+    request, and so the version for ``x-lora-version``)."""
+
+    def __init__(self, book: SpanBook, send: Send) -> None:
+        self.book = book
+        self._send = send
+        self.start: Message | None = None  # held back until the body decides the headers
+        self.mode = "pass"  # "json", "sse" or "pass"
+        self.chunks: list[bytes] = []
+        self.tail = b""  # an SSE event not complete yet
+        self.response_id: str | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.mode = _mode(message)
+            if self.mode == "pass":
+                await self._send(message)
+            else:
+                self.start = message
+        elif message["type"] != "http.response.body" or self.mode == "pass":
+            await self._send(message)
+        elif self.mode == "json":
+            await self._json(message)
+        else:
+            await self._sse(message)
+
+    async def _json(self, message: Message) -> None:
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        out, version = _annotate_json(b"".join(self.chunks), self.book)
+        assert self.start is not None
+        if version is not None:
+            _set_header(self.start, VERSION_HEADER, str(version))
+        _set_header(self.start, "content-length", str(len(out)))
+        await self._send(self.start)
+        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+
+    async def _sse(self, message: Message) -> None:
+        events = (self.tail + message.get("body", b"")).split(b"\n\n")
+        self.tail = events.pop()
+        out = [self._event(e) + b"\n\n" for e in events]
+        more = message.get("more_body", False)
+        if not more and self.tail:
+            out.append(self.tail)
+            self.tail = b""
+        if not out and more:
+            return  # no whole event yet
+        if self.start is not None:
+            admitted = self.book.admitted(self.response_id) if self.response_id else None
+            if admitted is not None:
+                _set_header(self.start, VERSION_HEADER, str(admitted))
+            await self._send(self.start)
+            self.start = None
+        await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
+
+    def _event(self, event: bytes) -> bytes:
+        """One whole SSE event, its choices annotated with their spans so far."""
+        text = event.decode("utf-8")
+        if not text.startswith("data: ") or text == "data: [DONE]":
+            return event
+        try:
+            body = json.loads(text[6:])
+        except ValueError:
+            return event
+        if not isinstance(body, dict):
+            return event
+        self.response_id = self.response_id or _response_id(body)
+        if annotate(body, self.book) is None:
+            return event
+        return ("data: " + json.dumps(body, separators=(",", ":"))).encode("utf-8")
+
+
+def _mode(start: Message) -> str:
+    if start.get("status") != 200:
+        return "pass"
+    ctype = _header(start, "content-type") or ""
+    if ctype.startswith("application/json"):
+        return "json"
+    if ctype.startswith("text/event-stream"):
+        return "sse"
+    return "pass"
 
 
 def _annotated(scope: Scope) -> bool:
     return (
         scope["type"] == "http"
         and scope.get("method") == "POST"
-        and scope.get("path") in ATTRIBUTED_PATHS
+        and get_route_path(scope) in ATTRIBUTED_PATHS  # as routed (--root-path aware)
     )
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from vllm_lora_ext import continuable
+
 ABORT = "abort"
 
 
@@ -37,6 +39,7 @@ class Sample:
     stop_reason: int | str | None = None
     spans: list[Span] = field(default_factory=list)
     interrupted: bool = False
+    note: str | None = None  # why an abort ends it (shown as its stop_reason)
     # State at the start of the running segment (for cumulative output kinds).
     base_tokens: int = 0
     base_text: int = 0
@@ -76,6 +79,8 @@ class Stitcher:
         self.num_cached_tokens: int | None = None
         self.first: RequestOutput | None = None
         self._emitted = False
+        # Not continued exactly (stop strings, penalties, grammars...): ends partial.
+        self.not_continuable = continuable.of_params(params)
 
     # ---- segments -----------------------------------------------------------------
     def start_segment(self, indices: list[int]) -> None:
@@ -151,6 +156,9 @@ class Stitcher:
                 rewritten = True
                 if self.remaining(s.index) == 0:
                     s.finish_reason = "length"
+                elif self.not_continuable is not None:
+                    s.finish_reason = ABORT
+                    s.note = continuable.PREFIX + self.not_continuable
                 else:
                     s.interrupted = True
                     s.finish_reason = None
@@ -196,7 +204,7 @@ class Stitcher:
             cumulative_logprob=s.cumulative_logprob,
             logprobs=delta.get("logprobs", s.logprobs),
             finish_reason=s.finish_reason,
-            stop_reason=s.stop_reason if s.finish_reason not in (None, ABORT) else None,
+            stop_reason=s.stop_reason if s.finish_reason not in (None, ABORT) else s.note,
         )
 
     def _emit(self, shown: list[CompletionOutput]) -> RequestOutput | None:

@@ -8,10 +8,12 @@ them too):
   request's whole life, runs it as one or more engine **segments** (continued server-side
   after a ``keep`` pause or a ``continue`` swap) and releases the lease on every exit
   path;
-- ``add_request`` (where vLLM registers a request under its internal id): links each
-  segment to its internal id, stops a segment whose request was interrupted while it was
-  on its way in (input processing), and refuses a request on one of our adapters that did
-  not come through ``generate``;
+- ``add_request`` (where vLLM registers a request): stops a segment whose request was
+  interrupted while it was on its way in (input processing), and refuses a request on
+  one of our adapters that did not come through ``generate``; the input processor's
+  ``assign_request_id`` (where vLLM mints the internal id, before anything is
+  registered) links each segment to its internal id and, for ``n > 1``, to its
+  children's ids;
 - ``abort`` (vLLM's abort routes, its disconnect handling): an abort by external or
   internal id also ends what the engine does not hold yet, held requests and requests
   between continuation segments.
@@ -24,6 +26,7 @@ vLLM), and is never used to stop anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -95,6 +98,7 @@ class Gate:
         self._generate = engine.generate
         self._add_request = engine.add_request
         self._abort = engine.abort
+        self._assign_request_id = engine.input_processor.assign_request_id
         self._by_segment: dict[str, Flight] = {}
         self._events: dict[str, asyncio.Event] = {}
         self.closed = False
@@ -106,6 +110,7 @@ class Gate:
             self.engine.generate = self.generate
             self.engine.add_request = self.add_request
             self.engine.abort = self.abort
+            self.engine.input_processor.assign_request_id = self._assign
             self._installed = True
 
     def close(self) -> None:
@@ -120,6 +125,8 @@ class Gate:
             self.engine.generate = self._generate
             self.engine.add_request = self._add_request
             self.engine.abort = self._abort
+            with contextlib.suppress(AttributeError):  # a class attribute: nothing to undo
+                del self.engine.input_processor.assign_request_id
             self._installed = False
 
     def sizes(self) -> dict[str, int]:
@@ -182,12 +189,16 @@ class Gate:
             ids |= {rid for rid, state in states.items() if state.lora_name in names}
         for name in {f.name for f in flights} | {w.name for w in waiters}:
             self.pulse(name)
+        await self._abort_ids(ids)
+        return len(flights) + len(waiters)
+
+    async def _abort_ids(self, ids: set[str]) -> None:
+        """vLLM's abort of internal ids, children before their parents (its
+        ``abort_requests`` fails on ``list.remove`` when a parent comes first in one call
+        while its children are still there)."""
         if ids:
-            # Children before their parents: vLLM's abort_requests fails (list.remove)
-            # when a parent comes first in one call while its children are still there.
             states = self.engine.output_processor.request_states
             await self._abort(sorted(ids, key=lambda i: (i not in states, i)), internal=True)
-        return len(flights) + len(waiters)
 
     # ---- the hooks ----------------------------------------------------------------
     async def generate(
@@ -208,15 +219,18 @@ class Gate:
             return
         flight = await self._admit(*target, request_id)
         try:
-            async for out in self._run(flight, prompt, sampling_params, request_id, kwargs):
-                yield out
+            async with contextlib.aclosing(
+                self._run(flight, prompt, sampling_params, request_id, kwargs)
+            ) as outputs:
+                async for out in outputs:
+                    yield out
         finally:
-            self._release(flight)
+            await self._end(flight)
 
     async def add_request(self, request_id: str, prompt: Any, params: Any, *args, **kwargs):
-        lora = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
         seg = _SEGMENT.get()
-        if seg is None or seg.claimed:
+        if seg is None or seg.claimed:  # not one of our segments (or a nested call)
+            lora = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
             if lora is not None and self._is_ours(lora):
                 raise http_error(
                     LoraExtError(
@@ -226,17 +240,26 @@ class Gate:
                     )
                 )
             return await self._add_request(request_id, prompt, params, *args, **kwargs)
-        seg.claimed = True
+        seg.claimed = True  # linked by _assign once vLLM minted its internal id
         queue = await self._add_request(request_id, prompt, params, *args, **kwargs)
-        self._link(seg, queue.request_id)
         if seg.flight.interrupt is not None or seg.flight.released:
-            # Stopped while it was on its way in: the sweep could not see it yet. (n > 1:
-            # the parent id takes its children; a child the sweep already took may have
-            # reached the engine core only after that abort, so the core hears it again.)
-            await self._abort([queue.request_id], internal=True)
+            # Stopped while it was on its way in: the sweep could not reach all of it.
+            # (n > 1: a child sent to the engine core after that abort is told again.)
+            await self._abort_ids({seg.internal_id or queue.request_id})
             if seg.children:
                 await self.engine.engine_core.abort_requests_async(seg.children)
         return queue
+
+    def _assign(self, request: Any) -> None:
+        """vLLM's ``assign_request_id``, then the segment on its way in is linked to the
+        internal id (and its children's), before vLLM registers or sends anything: an
+        abort, a sweep or the end of the flight reaches it from then on, whatever
+        interrupts the registration (a cancelled caller, a sweep between children)."""
+        self._assign_request_id(request)
+        seg = _SEGMENT.get()
+        if seg is not None and seg.claimed and seg.internal_id is None:
+            params = getattr(request, "sampling_params", None)
+            self._link(seg, request.request_id, getattr(params, "n", 1) or 1)
 
     async def abort(self, request_id: Any, internal: bool = False) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -308,6 +331,17 @@ class Gate:
             raise AdapterBusyError("server is shutting down")
         return waiter
 
+    async def _end(self, flight: Flight) -> None:
+        """The flight is over (finished, aborted, closed, cancelled, failed): every
+        engine request still linked to it is stopped before its lease goes, so its
+        version cannot leave the engine under a running request. Shielded: a second
+        cancellation cannot skip the abort."""
+        try:
+            if flight.segments:
+                await asyncio.shield(self._abort_ids(set(flight.segments)))
+        finally:
+            self._release(flight)
+
     def _release(self, flight: Flight) -> None:
         if self.registry.release(flight):
             for internal_id in flight.segments:
@@ -317,10 +351,11 @@ class Gate:
             self._settle(flight.name)
 
     # ---- segments -----------------------------------------------------------------
-    def _link(self, seg: _Segment, internal_id: str) -> None:
+    def _link(self, seg: _Segment, internal_id: str, n: int) -> None:
         seg.internal_id = internal_id
-        parent = self.engine.output_processor.parent_requests.get(internal_id)
-        seg.children = sorted(parent.child_requests) if parent is not None else []
+        # vLLM's ParentRequest.get_child_info names the children so: known before the
+        # parent exists and after an abort emptied it.
+        seg.children = [f"{i}_{internal_id}" for i in range(n)] if n > 1 else []
         for rid in (internal_id, *seg.children):
             seg.flight.segments.add(rid)
             self._by_segment[rid] = seg.flight
@@ -345,19 +380,25 @@ class Gate:
         gen = self._generate(
             prompt, params, request_id, lora_request=lora_request_of(flight.version), **kwargs
         )
+        ended = False  # the engine finished it: nothing left to stop
         try:
             token = _SEGMENT.set(seg)
             try:
                 first = await anext(gen)
             except StopAsyncIteration:
+                ended = True
                 return
             finally:
                 _SEGMENT.reset(token)
             yield first
             async for out in gen:
                 yield out
+            ended = True
         finally:
-            self._unlink(seg)
+            if ended:
+                self._unlink(seg)
+            # Otherwise (closed, cancelled, failed) it stays linked: the flight's end
+            # stops it before the lease goes.
             await gen.aclose()
 
     async def _run(
@@ -388,15 +429,16 @@ class Gate:
                     for g in indices
                 ]
                 stitcher.start_segment(indices)
-            async for i, out in merge_async_iterators(*gens):
-                seen = stitcher.absorb(
-                    out,
-                    None if indices is None else indices[i],
-                    version.number,
-                    continuing=flight.interrupt == "continue",
-                )
-                if seen is not None:
-                    yield seen
+            async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    seen = stitcher.absorb(
+                        out,
+                        None if indices is None else indices[i],
+                        version.number,
+                        continuing=flight.interrupt == "continue",
+                    )
+                    if seen is not None:
+                        yield seen
             indices = stitcher.to_continue()
             if not indices:
                 return

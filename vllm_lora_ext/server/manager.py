@@ -25,7 +25,7 @@ from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtE
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.gate import Gate, lora_request_of
 from vllm_lora_ext.server.registry import Interrupt, PauseMode, Registry, Version
-from vllm_lora_ext.server.staging import Staged, Staging
+from vllm_lora_ext.server.staging import Staging
 from vllm_lora_ext.server.validation import check_adapter_dir, check_under_roots, model_module_names
 from vllm_lora_ext.server.vllm_api import ServingModelsHooks
 from vllm_lora_ext.server.watcher import Watcher
@@ -192,13 +192,7 @@ class LoraManager:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
         laps = _Laps()
-        try:
-            await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
-            kind = await asyncio.to_thread(broadcast.step_kind, path)
-            if kind == "plain":  # fail fast, before taking the name's lock
-                await asyncio.to_thread(self._check, path)
-        except OSError as e:  # e.g. a name too long for the filesystem: bad input, not a 500
-            raise InvalidAdapterError(f"cannot inspect lora_path '{path}': {e.strerror}") from e
+        kind = await self._inspect(path)
         laps.lap("checks")
         async with self._locks.hold(name):
             laps.lap("lock")
@@ -209,44 +203,7 @@ class LoraManager:
                 return Loaded(same, 0, laps.total_ms, laps.laps, unchanged=True)
             version = self.registry.new_version(name, path, number)
             version.is_3d_lora_weight = is_3d_lora_weight
-            added = False
-            staging: asyncio.Future[Staged] | None = None
-            try:
-                manifest = await self.staging.await_step(version) if kind != "plain" else None
-                laps.lap("step")
-                staging = self.staging.run(self.staging.stage, version, manifest)
-                # Shielded: a cancelled load still learns where its copy went.
-                staged = await asyncio.shield(staging)
-                version.load_path = staged.path
-                laps.lap("stage")
-                added = True
-                if staged.verify is None:
-                    await self.engine.add_lora(lora_request_of(version))
-                else:  # a linked step is verified while the engine loads it
-                    done = await asyncio.gather(
-                        self.engine.add_lora(lora_request_of(version)),
-                        self.staging.run(staged.verify),
-                        return_exceptions=True,
-                    )
-                    for outcome in reversed(done):  # a corrupt step explains a refusal
-                        if isinstance(outcome, BaseException):
-                            raise outcome
-                laps.lap("add_lora")
-                version.add_lora_ms = laps.laps["add_lora"]
-            except BaseException as e:  # refused, failed or cancelled: nothing changes
-                if staging is not None and version.load_path == version.path:
-                    with contextlib.suppress(BaseException):
-                        version.load_path = (await staging).path
-                if added:
-                    await asyncio.shield(self._forget_in_engine(version))
-                await self.staging.run(self.staging.discard, version)
-                if isinstance(e, LoraExtError) or not isinstance(e, Exception):
-                    raise
-                if not added:  # the files, not the engine (e.g. leasing the step failed)
-                    raise InvalidAdapterError(f"cannot read lora_path '{path}': {e}") from e
-                raise InvalidAdapterError(
-                    f"engine refused adapter '{name}' from '{path}': {e}"
-                ) from e
+            await self._bring_in(version, kind, laps)
             version.pinned = pin
             self.registry.commit(version)
             self._publish(name, version)
@@ -268,6 +225,47 @@ class LoraManager:
             )
         self._settle(name)
         return Loaded(version, interrupted, latency_ms, laps.laps)
+
+    async def _inspect(self, path: str) -> broadcast.StepKind:
+        """What ``path`` is (a broadcast step or a plain adapter directory), refused
+        before any lock if it lies outside the roots or, plain, is no adapter."""
+        try:
+            await asyncio.to_thread(check_under_roots, path, self.config.lora_roots)
+            kind = await asyncio.to_thread(broadcast.step_kind, path)
+            if kind == "plain":
+                await asyncio.to_thread(self.staging.check_source, path)
+        except OSError as e:  # e.g. a name too long for the filesystem: bad input, not a 500
+            raise InvalidAdapterError(f"cannot inspect lora_path '{path}': {e.strerror}") from e
+        return kind
+
+    async def _bring_in(self, version: Version, kind: broadcast.StepKind, laps: _Laps) -> None:
+        """Stage ``version`` (a broadcast step once complete) and add it to the engine.
+        On any failure or cancellation nothing is left: the engine forgets it, the copy
+        and the step's lease go, and the error names the files or the engine's refusal."""
+        staging: asyncio.Future[str] | None = None
+        added = False
+        try:
+            manifest = await self.staging.await_step(version) if kind != "plain" else None
+            laps.lap("step")
+            staging = self.staging.run(self.staging.stage, version, manifest)
+            # Shielded: a cancelled load still learns where its copy went.
+            version.load_path = await asyncio.shield(staging)
+            laps.lap("stage")
+            added = True
+            await self.engine.add_lora(lora_request_of(version))
+            laps.lap("add_lora")
+            version.add_lora_ms = laps.laps["add_lora"]
+        except BaseException as e:
+            if staging is not None and version.load_path == version.path:
+                with contextlib.suppress(BaseException):
+                    version.load_path = await staging
+            if added:
+                await asyncio.shield(self._forget_in_engine(version))
+            await self.staging.run(self.staging.discard, version)
+            if isinstance(e, LoraExtError) or not isinstance(e, Exception):
+                raise
+            what = "engine refused adapter" if added else "cannot read adapter"
+            raise InvalidAdapterError(f"{what} '{version.name}' from '{version.path}': {e}") from e
 
     def _same_version(self, name: str, path: str, number: int | None) -> Version | None:
         """The current version when a load asks for it again from the same path (a
@@ -360,7 +358,7 @@ class LoraManager:
             await self.engine.pause_generation(mode=mode)
             return {"lora_name": None, "paused": True, "mode": mode}
         adapter = self.registry.get(name)
-        self.registry.pause(name, mode)
+        before = self.registry.pause(name, mode)
         flights, waiters = self.registry.requests(name)
         result: dict[str, Any] = {"lora_name": name, "paused": True, "mode": mode}
         if mode == "abort":
@@ -371,8 +369,11 @@ class LoraManager:
             bound = timeout_s or self.config.drain_timeout_s
             if not await self.gate.drain(name, bound):
                 left = len(adapter.flights)
-                if name in self.registry:
-                    self.resume(name)  # a failed pause leaves the adapter serving
+                if self.registry.entry(name) is adapter and adapter.pause_mode == "wait":
+                    # A failed pause leaves the adapter as it was: serving, or paused by
+                    # another caller (e.g. keep) before this one.
+                    self.registry.pause(name, before)
+                    self.gate.pulse(name)
                 raise AdapterBusyError(
                     f"adapter '{name}' still had {left} request(s) in flight after "
                     f"{bound}s; pause undone",

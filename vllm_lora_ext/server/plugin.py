@@ -12,12 +12,13 @@ from argparse import Namespace
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import SecretStr
 from starlette.datastructures import State
 from starlette.middleware import Middleware
 
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.attribution import AttributionMiddleware
-from vllm_lora_ext.server.auth import VllmControlGuard
+from vllm_lora_ext.server.auth import AdminGuard
 from vllm_lora_ext.server.manager import LoraManager
 from vllm_lora_ext.server.routes import router
 from vllm_lora_ext.server.vllm_api import take_over_abort_route
@@ -32,6 +33,16 @@ class LoraExtPlugin:
     def __init__(self, config: LoraExtConfig | None = None) -> None:
         self.config = config
 
+    @property
+    def settings(self) -> LoraExtConfig:
+        """The config given, else the environment's (read once)."""
+        if self.config is None:
+            self.config = LoraExtConfig()
+        return self.config
+
+    def admin_key(self) -> SecretStr | None:
+        return self.settings.admin_key
+
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         take_over_abort_route(app)
@@ -40,20 +51,20 @@ class LoraExtPlugin:
             # add_middleware); registering and dropping the built stack rebuilds it on
             # the first request, before any is served.
             app.user_middleware.insert(0, Middleware(AttributionMiddleware))
-            app.user_middleware.insert(0, Middleware(VllmControlGuard))
+            app.user_middleware.insert(0, Middleware(AdminGuard, key_of=self.admin_key))
             app.middleware_stack = None
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine
             return
-        check_launch(args, self.config or LoraExtConfig())
+        check_launch(args, self.settings)
         if not hasattr(engine_client, "output_processor"):
             raise RuntimeError(
                 "lora_ext needs an in-process AsyncLLM client (run one API server process)"
             )
         manager = LoraManager(
             engine_client,
-            self.config or LoraExtConfig(),
+            self.settings,
             getattr(state, "openai_serving_models", None),
         )
         manager.install()

@@ -106,8 +106,13 @@ def split_version(model: str) -> tuple[str, int | None]:
 
 
 def check_name(name: str) -> None:
-    if not name or VERSION_SEP in name:
-        raise LoraExtError(f"invalid adapter name '{name}': empty or contains '{VERSION_SEP}'")
+    """Any name a vLLM model name can be ('team/meow' included), but not empty, without
+    the version separator and without control characters (logs, metric labels)."""
+    if not name or VERSION_SEP in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise LoraExtError(
+            f"invalid adapter name {name!r}: empty, or contains '{VERSION_SEP}' or a "
+            "control character"
+        )
 
 
 class Registry:
@@ -318,10 +323,14 @@ class Registry:
             if f.version.number != adapter.current and not f.exact
         ]
 
-    def pause(self, name: str, mode: PauseMode) -> None:
+    def pause(self, name: str, mode: PauseMode | None) -> PauseMode | None:
+        """Pause ``name`` in ``mode`` (None: resume); returns the mode it had (None: it
+        was not paused), so a pause that fails can put that back."""
         adapter = self.get(name)
-        adapter.paused = True
+        before = adapter.pause_mode if adapter.paused else None
+        adapter.paused = mode is not None
         adapter.pause_mode = mode
+        return before
 
     def requests(self, name: str) -> tuple[list[Flight], list[Waiter]]:
         """Everything of ``name`` a pause or an abort may stop: flights and held requests."""

@@ -3,7 +3,8 @@
 Every refusal is vLLM's error format, ``{"error": {"message", "type", "param", "code"}}``,
 with a 4xx (or 503 for a held request that timed out), including malformed bodies, which
 FastAPI would otherwise answer in its own shape.
-Every route checks the admin token (when one is configured) and the body size before
+Every route but ``GET /loras`` checks the admin token (when one is configured; the app's
+:class:`~vllm_lora_ext.server.auth.AdminGuard` does first) and the body size before
 anything else, and every control action is logged as one JSON line.
 """
 
@@ -38,7 +39,7 @@ from vllm_lora_ext.protocol import (
     UnloadLoraResponse,
     error_body,
 )
-from vllm_lora_ext.server.auth import MISSING, token_ok
+from vllm_lora_ext.server.auth import MISSING, is_open, token_ok
 from vllm_lora_ext.server.manager import LoraManager
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -58,7 +59,10 @@ async def _guard(request: Request) -> None:
     manager = getattr(request.app.state, "lora_ext", None)
     if manager is None:
         raise LoraExtError("lora_ext is not initialised on this server", status=503)
-    if not token_ok(request.headers.get("authorization"), manager.config.admin_key):
+    route_path = request.scope["route"].path
+    if not is_open(request.method, route_path) and not token_ok(
+        request.headers.get("authorization"), manager.config.admin_key
+    ):  # the app's AdminGuard refused it already; this holds where it is not mounted
         raise UnauthorizedError(MISSING)
     limit = manager.config.max_body_bytes
     declared = request.headers.get("content-length")

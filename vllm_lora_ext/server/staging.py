@@ -12,12 +12,14 @@ room: there a copy costs a memcpy, while on a disk the kernel throttles whoever 
 fresh dirty pages (a 147 MB copy took 68 ms on an idle disk, ~480 ms while a trainer was
 writing its next checkpoint); a full RAM disk spills to a disk directory. A plain
 directory is cloned copy-on-write where the filesystem can (XFS, btrfs), else copied. A
-broadcast step (immutable by protocol, with a manifest) on the staging directory's
-filesystem, e.g. one published into :func:`~vllm_lora_ext.broadcast.ram_root`, is
-hard-linked and its checksums verified while the engine loads it (nothing is served
-from it before both are done); elsewhere it is copied and hashed in one pass. Copies
-run on two background threads at a lower CPU priority (``stage_priority``), so a big
-swap yields to the engine serving other tenants.
+broadcast step (with a manifest) is copied and hashed in one pass. Never a hard link:
+a trainer that rewrites or truncates its file in place would change, or crash, a live
+version. Only an adapter's own files are copied, each opened under an allowed root
+without following a link (:mod:`~vllm_lora_ext.server.files`). Each server stages into
+a directory of its own (under ``stage_dir`` when set), so servers sharing a
+``stage_dir`` never touch each other's copies. Copies run on two background threads at
+a lower CPU priority (``stage_priority``), so a big swap yields to the engine serving
+other tenants.
 
 **Leases**: a version loaded from a broadcast step writes ``step/.leases/<holder>`` while
 it is resident (refreshed every third of ``lease_ttl_s``), so a cleaner never deletes a
@@ -30,7 +32,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import itertools
 import logging
 import os
@@ -40,9 +41,8 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -54,6 +54,7 @@ from tenacity import (
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError
+from vllm_lora_ext.server.files import ADAPTER_FILES, adapter_files, check_files, open_checked
 from vllm_lora_ext.server.registry import Version
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -95,6 +96,7 @@ def owned_dir(parent: Path | None) -> tuple[Path, int]:
     up (killed) are removed first: their lock is free. It is made under another name and
     renamed once locked, so a sweeper never sees it unlocked."""
     base = Path(parent or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
     sweep(base)
     tmp = Path(tempfile.mkdtemp(prefix=".lora_ext_new_", dir=base))
     fd = os.open(tmp / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
@@ -126,27 +128,30 @@ T = TypeVar("T")
 FICLONE = 0x40049409  # linux/fs.h: a copy-on-write clone (XFS, btrfs, bcachefs)
 
 
-def clone(src: str, dst: str) -> str:
-    """A copy-on-write clone of ``src`` where the filesystem has them (free, and as safe
-    as a copy: a rewrite of either file leaves the other alone), else a plain copy."""
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
+def clone(fin: BinaryIO, dst: Path) -> None:
+    """A copy-on-write clone of the open file ``fin`` where the filesystem has them
+    (free, and as safe as a copy: a rewrite of either file leaves the other alone),
+    else a copy in the kernel."""
+    with open(dst, "wb") as fout:
+        try:
             fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-    except OSError:
-        return shutil.copyfile(src, dst)
-    return dst
-
-
-@dataclass(frozen=True)
-class Staged:
-    path: str
-    verify: Callable[[], None] | None = None  # run before anything is served from path
+            return
+        except OSError:
+            pass
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(fout.fileno(), fin.fileno(), offset, size - offset)
+            if not sent:  # shrank while copied: the check of the copy refuses it
+                break
+            offset += sent
 
 
 class Staging:
     def __init__(self, config: LoraExtConfig, check: Callable[[str], object]) -> None:
         self.config = config
         self._check = check  # validates an adapter directory (rank, target modules)
+        self._roots = list(config.lora_roots)
         self._serial = itertools.count(1)
         self._leases: dict[int, Path] = {}  # lora_int_id -> its lease
         self._holder = f"{socket.gethostname()}-{os.getpid()}"
@@ -157,15 +162,13 @@ class Staging:
             initializer=_lower_priority,
             initargs=(config.stage_priority,),
         )
-        self._own_root = config.stage_adapters and config.stage_dir is None
         self.root: Path | None = None
         self._spill: Path | None = None  # a disk directory once RAM ran out
         self._locks: list[int] = []  # owner locks of our own directories
-        if config.stage_adapters and config.stage_dir is not None:
-            self.root = config.stage_dir
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif config.stage_adapters:
-            self.root, fd = owned_dir(default_stage_parent())
+        if config.stage_adapters:
+            # Always a directory of our own (under stage_dir when given): servers sharing
+            # a stage_dir never name a copy the same, nor delete each other's.
+            self.root, fd = owned_dir(config.stage_dir or default_stage_parent())
             self._locks.append(fd)
 
     def sizes(self) -> dict[str, int]:
@@ -215,13 +218,14 @@ class Staging:
             what = "has no adapter files yet" if seen else "is not visible"
             raise broadcast.NotReadyError(f"step directory '{path}' {what}")
         try:
-            await asyncio.to_thread(self._check, path)
+            await asyncio.to_thread(self.check_source, path)
         except IncompleteAdapterError as e:  # files still arriving (or not yet visible)
             raise broadcast.NotReadyError(e.message) from e
         return None
 
     async def _lease(self, version: Version) -> None:
-        holder = f"{self._holder}-{version.internal_name}-{version.lora_int_id}"
+        # The id is unique in this server; a name may hold '/' or be long (not a file name).
+        holder = f"{self._holder}-{version.lora_int_id}"
         try:
             lease = await asyncio.to_thread(broadcast.acquire_lease, version.path, holder)
         except PermissionError as e:  # a read-only root: the staged copy still protects us
@@ -251,53 +255,56 @@ class Staging:
         except RuntimeError:  # the copier was shut down
             return loop.run_in_executor(None, fn, *args)
 
-    def stage(self, version: Version, manifest: dict | None) -> Staged:
-        """The directory the engine loads ``version`` from, checked (blocking); a linked
-        step comes with its verification, to run while the engine loads it (nothing is
-        served from it before both are done)."""
+    def check_source(self, path: str) -> None:
+        """A directory a tenant named: each adapter file under a root, then checked."""
+        check_files(path, self._roots)
+        self._check(path)
+
+    def stage(self, version: Version, manifest: dict | None) -> str:
+        """The checked directory the engine loads ``version`` from (blocking)."""
         if self.root is None:
-            if manifest is not None:  # a step skipped the early check (it had to wait)
-                self._check(version.path)
-            return Staged(version.path)
+            self.check_source(version.path)
+            return version.path
         serial = next(self._serial)
         dest = self.root / f"v{serial}"
-        verify: Callable[[], None] | None = None
         try:
             try:
-                linked = self._copy(version, dest, manifest)
+                self._copy(version, dest, manifest)
             except OSError as e:
-                if e.errno != errno.ENOSPC or not self._own_root:
+                if e.errno != errno.ENOSPC or self.config.stage_dir is not None:
                     raise
                 shutil.rmtree(dest, ignore_errors=True)
                 dest = self._spill_root() / f"v{serial}"
                 logger.warning("lora_ext staging: %s is full, copying to %s", self.root, dest)
-                linked = self._copy(version, dest, manifest)
-            if linked and manifest is not None:
-                verify = functools.partial(broadcast.verify_linked, dest, manifest, version.path)
-            self._check(str(dest))
+                self._copy(version, dest, manifest)
+            self._check(str(dest))  # what is loaded is what was checked
         except OSError as e:
             shutil.rmtree(dest, ignore_errors=True)
             raise InvalidAdapterError(
-                f"cannot read adapter '{version.name}' from '{version.path}': {e}"
+                f"cannot read adapter '{version.name}' from '{version.path}': {e.strerror}"
             ) from e
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        return Staged(str(dest), verify)
+        return str(dest)
 
-    @staticmethod
-    def _copy(version: Version, dest: Path, manifest: dict | None) -> bool:
-        """Copy (or, for a broadcast step on this filesystem, link: True) ``version``'s
-        files into ``dest``."""
-        if manifest is not None:  # an immutable broadcast step: link it where we can
-            if broadcast.link_step(version.path, dest, manifest):
-                return True
-            broadcast.copy_verified(version.path, dest, manifest)
-        else:
-            shutil.copytree(
-                version.path, dest, ignore=shutil.ignore_patterns(".*"), copy_function=clone
+    def _copy(self, version: Version, dest: Path, manifest: dict | None) -> None:
+        """Copy ``version``'s adapter files into ``dest``, each opened under a root
+        without following a link; a broadcast step's files hashed as they are copied.
+        Never a hard link: the trainer could rewrite a linked file under a live version."""
+        dest.mkdir(parents=True)
+        if manifest is not None:
+            broadcast.copy_verified(
+                version.path,
+                dest,
+                manifest,
+                open_source=lambda p: open_checked(p, self._roots),
+                keep=ADAPTER_FILES.__contains__,
             )
-        return False
+            return
+        for name in adapter_files(version.path):
+            with open_checked(Path(version.path) / name, self._roots) as fin:
+                clone(fin, dest / name)
 
     def _spill_root(self) -> Path:
         if self._spill is None:
@@ -318,10 +325,9 @@ class Staging:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        if self._own_root:
-            for root in (self.root, self._spill):
-                if root is not None:
-                    await asyncio.to_thread(shutil.rmtree, root, True)
+        for root in (self.root, self._spill):
+            if root is not None:
+                await asyncio.to_thread(shutil.rmtree, root, True)
         for lease in self._leases.values():
             broadcast.release_lease(lease)
         self._leases.clear()

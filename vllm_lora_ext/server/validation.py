@@ -7,12 +7,16 @@ half of it; these checks turn every such input into a 4xx that names the problem
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError
+from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError, LoraExtError
+from vllm_lora_ext.server.files import under_roots
+from vllm_lora_ext.server.prompt_logprobs import check_no_lm_head
 
+logger = logging.getLogger("vllm.lora_ext")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -33,8 +37,8 @@ def read_safetensors_header(path: Path) -> dict:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidAdapterError(f"{path.name}: corrupt safetensors header ({e})") from e
+        except (UnicodeDecodeError, json.JSONDecodeError):  # no bytes of it in the answer
+            raise InvalidAdapterError(f"{path.name}: corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InvalidAdapterError(f"{path.name}: corrupt safetensors header")
     data_len = size - 8 - n
@@ -42,14 +46,63 @@ def read_safetensors_header(path: Path) -> dict:
         if key == "__metadata__":
             continue
         offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise InvalidAdapterError(f"{path.name}: corrupt entry for tensor '{key}'")
+        _check_tensor(path.name, key, meta, offsets)
         if offsets[1] > data_len:
             raise IncompleteAdapterError(
                 f"{path.name}: truncated (tensor '{key}' ends at byte {offsets[1]}, "
                 f"file holds {data_len})"
             )
     return header
+
+
+#: Bytes per element of every safetensors dtype (the sub-byte float formats excepted:
+#: a LoRA never holds them, and they are refused rather than misread).
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_tensor(file: str, key: str, meta: dict, offsets: list[int]) -> None:
+    """dtype known, shape a list of sizes, and its bytes exactly the span it claims."""
+    dtype, shape = meta.get("dtype"), meta.get("shape")
+    if dtype not in DTYPE_BYTES:
+        raise InvalidAdapterError(f"{file}: tensor '{key}' has an unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise InvalidAdapterError(f"{file}: tensor '{key}' has an invalid shape")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        raise InvalidAdapterError(
+            f"{file}: tensor '{key}' of shape {shape} {dtype} does not fill its "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
 
 
 def _leaf_modules(tensor_names: Iterable[str]) -> set[str]:
@@ -75,7 +128,11 @@ def model_module_names(model_path: str) -> set[str] | None:
         return None
     names: set[str] = set()
     for f in files:
-        names |= _leaf_modules(read_safetensors_header(f))
+        try:
+            names |= _leaf_modules(read_safetensors_header(f))
+        except LoraExtError as e:  # the base model's business (vLLM loads it): skip ours
+            logger.warning("lora_ext: cannot read %s (%s); target modules unchecked", f, e)
+            return None
     return names
 
 
@@ -105,18 +162,39 @@ def check_adapter_dir(
             f"lora_path '{lora_path}' has no adapter weights ({' or '.join(_WEIGHT_FILES)})"
         )
     header = read_safetensors_header(weights[0]) if weights[0].suffix == ".safetensors" else {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(field)
+        if pattern is not None and not (
+            isinstance(pattern, dict) and all(isinstance(k, str) for k in pattern)
+        ):
+            raise InvalidAdapterError(
+                f"adapter_config.json in '{lora_path}': {field} must be an object "
+                "of module pattern -> number"
+            )
+    targets = cfg.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise InvalidAdapterError(
+            f"adapter_config.json in '{lora_path}': target_modules must be a string or a "
+            "list of strings"
+        )
+    alphas = [cfg.get("lora_alpha", 1), *(cfg.get("alpha_pattern") or {}).values()]
+    if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alphas):
+        raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' has an invalid lora_alpha")
     ranks = [cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()]
-    if any(not isinstance(r, int) or r <= 0 for r in ranks):
+    if any(not _is_int(r) or r <= 0 for r in ranks):
         raise InvalidAdapterError(f"adapter_config.json in '{lora_path}' has an invalid rank r")
     if max_lora_rank is not None and max(ranks) > max_lora_rank:
         raise InvalidAdapterError(
             f"adapter rank {max(ranks)} exceeds the server's max_lora_rank {max_lora_rank}"
         )
+    wanted = _leaf_modules(header)
+    if isinstance(targets, list):
+        wanted |= {str(t).rsplit(".", 1)[-1] for t in targets}
+    check_no_lm_head(wanted, lora_path)
     if model_modules is not None:
-        targets = cfg.get("target_modules")
-        wanted = _leaf_modules(header)
-        if isinstance(targets, list):
-            wanted |= {str(t).rsplit(".", 1)[-1] for t in targets}
         missing = sorted(wanted - model_modules)
         if missing:
             raise InvalidAdapterError(
@@ -127,8 +205,11 @@ def check_adapter_dir(
 
 def check_under_roots(path: str, roots: Iterable[Path]) -> None:
     """``path`` must lie under one of ``roots`` once symlinks are resolved (no roots: any
-    path). ``..`` is refused outright, a symlink leading out of a root with 403."""
+    path). ``..`` is refused outright, a symlink leading out of a root with 403. (Each
+    file a load reads is checked again: :mod:`~vllm_lora_ext.server.files`.)"""
     roots = list(roots)
+    if "\x00" in path:
+        raise InvalidAdapterError("lora_path must not contain a NUL byte")
     if not roots:
         return
     p = Path(path)
@@ -136,12 +217,4 @@ def check_under_roots(path: str, roots: Iterable[Path]) -> None:
         raise InvalidAdapterError(f"lora_path '{path}' must be absolute")
     if ".." in p.parts:
         raise InvalidAdapterError(f"lora_path '{path}' must not contain '..'")
-    real = p.resolve(strict=False)
-    for root in roots:
-        if real.is_relative_to(root.resolve(strict=False)):
-            return
-    raise InvalidAdapterError(
-        f"lora_path '{path}' is outside the allowed roots"
-        + (f" (it resolves to '{real}')" if real != p else ""),
-        status=403,
-    )
+    under_roots(p, roots)

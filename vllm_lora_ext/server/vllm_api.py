@@ -147,6 +147,12 @@ async def abort_requests(raw_request: Request) -> JSONResponse:
         )
     manager: LoraManager = raw_request.app.state.lora_ext
     request_ids = body.get("request_ids")
+    if request_ids is not None and not (
+        isinstance(request_ids, list) and all(isinstance(i, str) for i in request_ids)
+    ):
+        return JSONResponse(
+            error_response("'request_ids' must be a list of strings", 400).model_dump(), 400
+        )
     if request_ids:
         await manager.engine.abort(request_ids)  # the gate's hook reaches held ones too
         aborted = len(request_ids)

@@ -8,8 +8,8 @@ same in a plain Python process, without vLLM; safetensors 0.6.2 to 0.8.0, torch 
 At one swap a second that is ~300 MiB a day.
 
 vLLM's LoRA loader (``vllm.lora.lora_model``) uses only ``keys()`` and ``get_tensor()``
-of ``safe_open``; :class:`SafetensorsFile` gives the same tensors, zero-copy over one
-private mmap of the file as safetensors does, without the leak. It replaces the
+of ``safe_open``; :class:`SafetensorsFile` gives the same tensors, views of one read of
+the file, without the leak (and without a mapping of a file someone else may write). It replaces the
 ``safetensors`` name in that one vLLM module and nowhere else.
 
 It is active where our launchers run (they set ``LORA_EXT_WORKER_LOADER=1`` before the
@@ -44,16 +44,26 @@ def _dtypes() -> dict[str, Any]:
         "I32": "int32",
         "I16": "int16",
         "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
         "U8": "uint8",
         "BOOL": "bool",
         "F8_E4M3": "float8_e4m3fn",
         "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
     }
     return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
 
 
 class SafetensorsFile:
-    """``safetensors.safe_open(path, framework="pt")`` as vLLM's LoRA loader uses it."""
+    """``safetensors.safe_open(path, framework="pt")`` as vLLM's LoRA loader uses it.
+
+    The file is read once into memory, not mapped: a mapped file that someone truncates
+    or rewrites in place (a trainer's step when staging is off) would change a live
+    version's weights or kill the worker with SIGBUS. Every tensor entry is checked
+    (known dtype, shape matching its byte span, inside the file) before any is made;
+    a bad file is a ``ValueError`` naming the problem, never a crash."""
 
     def __init__(self, filename: str | os.PathLike, framework: str = "pt", device: str = "cpu"):
         import torch
@@ -61,24 +71,56 @@ class SafetensorsFile:
         if framework not in ("pt", "torch"):
             raise ValueError(f"only the torch framework is supported, not {framework!r}")
         path = Path(filename)
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"{path}: corrupt safetensors header length {n}")
-            header = json.loads(f.read(n))
+        with path.open("rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)
+            got = f.readinto(buf) if size else 0
+        if got != size or size < 8:
+            raise ValueError(f"{path}: read {got} of {size} bytes (changed while read?)")
+        (n,) = struct.unpack("<Q", buf[:8])
+        if n > size - 8:
+            raise ValueError(f"{path}: corrupt safetensors header length {n}")
+        try:
+            header = json.loads(bytes(buf[8 : 8 + n]))
+        except ValueError:
+            raise ValueError(f"{path}: corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header")
         self._metadata = header.pop("__metadata__", None)
+        self._dtypes = _dtypes()
+        self._check(path, header, size - 8 - n)
         self._header = header
         self._base = 8 + n
         self._device = device
-        self._dtypes = _dtypes()
-        self._storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        self._bytes = torch.frombuffer(buf, dtype=torch.uint8) if size else None
+
+    def _check(self, path: Path, header: dict, data_len: int) -> None:
+        for key, meta in header.items():
+            dtype = self._dtypes.get(meta.get("dtype")) if isinstance(meta, dict) else None
+            offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+            shape = meta.get("shape") if isinstance(meta, dict) else None
+            ok = (
+                dtype is not None
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+            )
+            if ok:
+                count = 1
+                for d in shape:
+                    count *= d
+                ok = count * dtype.itemsize == offsets[1] - offsets[0]
+            if not ok:
+                raise ValueError(f"{path}: bad safetensors entry for tensor '{key}'")
 
     def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._storage = None
+        self._bytes = None
 
     def keys(self) -> list[str]:
         return sorted(self._header)
@@ -95,7 +137,9 @@ class SafetensorsFile:
         shape = list(meta["shape"])
         if end == start:
             return torch.empty(shape, dtype=dtype, device=self._device)
-        raw = torch.asarray(self._storage[self._base + start : self._base + end], dtype=torch.uint8)
+        raw = self._bytes[self._base + start : self._base + end]
+        if (self._base + start) % dtype.itemsize:  # unaligned: a view cannot reinterpret it
+            raw = raw.clone()
         tensor = raw.view(dtype).reshape(shape)
         return tensor if self._device == "cpu" else tensor.to(self._device)
 
@@ -108,9 +152,8 @@ def wanted() -> bool:
 
 
 def install() -> None:
-    """The ``vllm.general_plugins`` entry point (every vLLM process calls it)."""
-    if not wanted():
-        return
+    """Read LoRA safetensors with :class:`SafetensorsFile` in this process (called by
+    :mod:`~vllm_lora_ext.server.worker_plugin` where :func:`wanted`)."""
     import vllm.lora.lora_model as lora_model
 
     current = getattr(lora_model, "safetensors", None)
