@@ -183,7 +183,8 @@ async def measure_sizes(
     url: str, work: Path, shm: Path, adapters: dict[str, tuple[Path, int]], swaps: int
 ) -> list[dict]:
     """Per size: ours from a fresh plain directory (copied), ours from a fresh broadcast
-    step in a RAM root (hard-linked, hash-verified), stock in-place; rotating order."""
+    step in a RAM root (copied and hash-verified in one pass), stock in-place; rotating
+    order."""
     rows = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         for label, (template, size) in adapters.items():
@@ -535,7 +536,8 @@ def main() -> int:
     notes = [
         f"ms, median of {args.swaps} swaps each. 'dir': a fresh plain directory per swap on "
         "disk (copied to RAM, then loaded); 'step': a fresh broadcast step per swap in a RAM "
-        "root (hard-linked, xxh3-verified while the engine loads). Stock in-place reloads a "
+        "root (copied and xxh3-verified in one pass: never hard-linked, a trainer could rewrite "
+        "a linked file under a live version). Stock in-place reloads a "
         "fresh directory."
     ]
     if stall is not None:

@@ -50,6 +50,7 @@ class Stream:
     tokens: int = 0
     logprobs: int = 0
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     usage: dict | None = None
     lora_versions: list[dict] | None = None
     header_version: str | None = None
@@ -92,6 +93,7 @@ class Stream:
                     self.tokens += len(choice.get("token_ids") or [])
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
+                        self.stop_reason = choice.get("stop_reason")
                         self.lora_versions = choice.get("lora_versions")
                 self.chunks.append(asyncio.get_running_loop().time())
                 self._progress.set()

@@ -210,6 +210,23 @@ async def test_keep_continues_every_sample_of_n(client):
         assert len(ch["logprobs"]["tokens"]) == 800
 
 
+async def test_keep_ends_what_a_continuation_cannot_reproduce(client):
+    """A stop string could span the seam (and presence penalties would forget the
+    first segment): such a request is not continued after a keep pause, it ends
+    partial at once, saying why, while a plain one beside it is continued."""
+    exact = Stream("meow", LONG).start(client)
+    inexact = Stream("meow", LONG).start(client, stop=["zebra crossing"], presence_penalty=0.5)
+    await exact.wait_tokens(5)
+    await inexact.wait_tokens(5)
+    await post(client, "pause", {"lora_name": "meow", "mode": "keep"})
+    await inexact.result(60)  # not waiting for the resume
+    assert inexact.finish_reason == "abort" and 0 < inexact.tokens < LONG
+    assert str(inexact.stop_reason).startswith("not continued: "), inexact.stop_reason
+    await post(client, "resume", {"lora_name": "meow"})
+    await exact.result()
+    assert exact.finish_reason == "length" and exact.tokens == LONG
+
+
 async def test_client_disconnect_releases_the_lease(client, server):
     import httpx
 
