@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import struct
 import tracemalloc
 
@@ -19,6 +20,7 @@ from vllm_lora_ext.server.worker_loader import SafetensorsFile
 
 
 def adapter_file(tmp_path) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     tensors = {
         "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(8, 64),
         "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 8).to(
@@ -189,3 +191,27 @@ def test_lm_head_adapters_are_refused_on_the_cpu_backend(tmp_path, monkeypatch):
         check_adapter_dir(str(d), 16)
     monkeypatch.setattr(prompt_logprobs, "on_cpu", lambda: False)
     check_adapter_dir(str(d), 16)
+
+
+def test_only_the_servers_own_staged_copies_are_mapped(tmp_path):
+    from vllm_lora_ext.server import staging
+
+    assert worker_loader.STAGE_PREFIX == staging.PREFIX
+    stage, fd = staging.owned_dir(tmp_path)
+    try:
+        (stage / "v1").mkdir()
+        staged = stage / "v1" / "adapter_model.safetensors"
+        trainer = adapter_file(tmp_path / "trainer")
+        shutil.copyfile(trainer, staged)
+        with SafetensorsFile(staged) as ours, SafetensorsFile(trainer) as theirs:
+            assert ours.mapped and not theirs.mapped
+            for key in ours.keys():
+                assert torch.equal(ours.get_tensor(key), theirs.get_tensor(key)), key
+        # A directory merely named like one, with an owner file nobody locks, is not.
+        fake = tmp_path / f"{staging.PREFIX}fake"
+        fake.mkdir()
+        (fake / ".owner").write_text("")
+        shutil.copyfile(staged, fake / "a.safetensors")
+        assert not SafetensorsFile(fake / "a.safetensors").mapped
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ changes nothing in other vLLM deployments.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any
 logger = logging.getLogger("vllm.lora_ext")
 
 ENV_FLAG = "LORA_EXT_WORKER_LOADER"
+STAGE_PREFIX = "lora_ext_stage_"  # staging.PREFIX (not imported: workers stay light)
 
 
 def _dtypes() -> dict[str, Any]:
@@ -59,9 +61,11 @@ def _dtypes() -> dict[str, Any]:
 class SafetensorsFile:
     """``safetensors.safe_open(path, framework="pt")`` as vLLM's LoRA loader uses it.
 
-    The file is read once into memory, not mapped: a mapped file that someone truncates
-    or rewrites in place (a trainer's step when staging is off) would change a live
-    version's weights or kill the worker with SIGBUS. Every tensor entry is checked
+    A file that someone else may write (a trainer's directory or step, when staging is
+    off) is read once into memory, never mapped: truncated or rewritten in place, a
+    mapping would change a live version's weights or kill the worker with SIGBUS. The
+    server's own staged copies are mapped (privately, zero-copy: 147 MB read costs
+    ~100 ms more here). Every tensor entry is checked
     (known dtype, shape matching its byte span, inside the file) before any is made;
     a bad file is a ``ValueError`` naming the problem, never a crash."""
 
@@ -71,10 +75,18 @@ class SafetensorsFile:
         if framework not in ("pt", "torch"):
             raise ValueError(f"only the torch framework is supported, not {framework!r}")
         path = Path(filename)
+        self.mapped = staged_copy(path)
         with path.open("rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            got = f.readinto(buf) if size else 0
+            if self.mapped:  # our own staged copy: nobody writes it, mapping is safe
+                buf = f.read(min(size, 8))
+                if len(buf) == 8:
+                    (n,) = struct.unpack("<Q", buf)
+                    buf += f.read(min(n, max(size - 8, 0)))
+                got = size
+            else:
+                buf = bytearray(size)
+                got = f.readinto(buf) if size else 0
         if got != size or size < 8:
             raise ValueError(f"{path}: read {got} of {size} bytes (changed while read?)")
         (n,) = struct.unpack("<Q", buf[:8])
@@ -92,7 +104,11 @@ class SafetensorsFile:
         self._header = header
         self._base = 8 + n
         self._device = device
-        self._bytes = torch.frombuffer(buf, dtype=torch.uint8) if size else None
+        if self.mapped:
+            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+            self._bytes = torch.asarray(storage, dtype=torch.uint8)
+        else:
+            self._bytes = torch.frombuffer(buf, dtype=torch.uint8)
 
     def _check(self, path: Path, header: dict, data_len: int) -> None:
         for key, meta in header.items():
@@ -142,6 +158,34 @@ class SafetensorsFile:
             raw = raw.clone()
         tensor = raw.view(dtype).reshape(shape)
         return tensor if self._device == "cpu" else tensor.to(self._device)
+
+
+def staged_copy(path: Path) -> bool:
+    """Whether ``path`` lies in a staging directory of a lora_ext server (its owner lock
+    beside it): copies the server made and never writes again, safe to map. Anything
+    else (a trainer's directory or step) is read once, never mapped."""
+    for parent in path.resolve().parents:
+        if parent.name.startswith(STAGE_PREFIX):
+            return _locked(parent / ".owner")
+    return False
+
+
+def _locked(owner: Path) -> bool:
+    """The owner lock is held by a live server: a look-alike directory a tenant made
+    (with staging off, its own path is loaded) holds no lock, so it is read, not mapped."""
+    try:
+        fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held: a live server's staging directory
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def wanted() -> bool:
