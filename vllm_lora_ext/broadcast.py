@@ -361,7 +361,7 @@ def copy_verified(
     step: Path | str,
     dest: Path,
     manifest: Mapping[str, Any],
-    open_source: Callable[[Path], contextlib.AbstractContextManager[BinaryIO]] | None = None,
+    open_source: Callable[[Path], BinaryIO] | None = None,
     keep: Callable[[str], bool] | None = None,
 ) -> None:
     """Copy the manifest's files of ``step`` (those ``keep`` accepts) into ``dest`` in

@@ -14,10 +14,9 @@ are read (never optimizer state, nested checkpoints or anything else in the dire
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,11 +113,6 @@ def check_files(directory: Path | str, roots: Iterable[Path]) -> None:
             under_roots(Path(directory) / name, roots)
 
 
-@contextlib.contextmanager
-def open_checked(path: Path | str, roots: Iterable[Path]) -> Iterator[BinaryIO]:
+def open_checked(path: Path | str, roots: Iterable[Path]) -> BinaryIO:
     """The file at ``path``, checked under the roots and opened without a link."""
-    f = open_nofollow(under_roots(path, roots))
-    try:
-        yield f
-    finally:
-        f.close()
+    return open_nofollow(under_roots(path, roots))

@@ -348,9 +348,7 @@ class Registry:
         return flights, waiters
 
     def resume(self, name: str) -> None:
-        adapter = self.get(name)
-        adapter.paused = False
-        adapter.pause_mode = None
+        self.pause(name, None)
 
     def snapshot(self) -> list[dict]:
         out = []

@@ -41,7 +41,14 @@ def read_safetensors_header(path: Path) -> dict:
             raise InvalidAdapterError(f"{path.name}: corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InvalidAdapterError(f"{path.name}: corrupt safetensors header")
-    data_len = size - 8 - n
+    check_entries(path.name, header, size - 8 - n)
+    return header
+
+
+def check_entries(file: str, header: dict, data_len: int) -> None:
+    """Every tensor entry of a parsed header: offsets two ordered ints inside the data
+    (past its end: truncated), a known dtype and a shape that fills exactly its bytes.
+    The workers' reader checks with this too (``worker_loader``)."""
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -52,14 +59,13 @@ def read_safetensors_header(path: Path) -> dict:
             and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            raise InvalidAdapterError(f"{path.name}: corrupt entry for tensor '{key}'")
-        _check_tensor(path.name, key, meta, offsets)
+            raise InvalidAdapterError(f"{file}: corrupt entry for tensor '{key}'")
+        _check_tensor(file, key, meta, offsets)
         if offsets[1] > data_len:
             raise IncompleteAdapterError(
-                f"{path.name}: truncated (tensor '{key}' ends at byte {offsets[1]}, "
+                f"{file}: truncated (tensor '{key}' ends at byte {offsets[1]}, "
                 f"file holds {data_len})"
             )
-    return header
 
 
 #: Bytes per element of every safetensors dtype (the sub-byte float formats excepted:
