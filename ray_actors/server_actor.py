@@ -41,10 +41,8 @@ class LoraServer:
         """Start engine and HTTP server on this node's IP (``bind_all``: every
         interface); returns ``http://<node IP>:<port>``."""
         import uvicorn
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.launcher import watchdog_loop
-        from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vllm_lora_ext import compat
         from vllm_lora_ext.server.app import (
             apply_launch_flags,
             bind_socket,
@@ -62,8 +60,8 @@ class LoraServer:
         sock = bind_socket(host, 0)
         bound_port = sock.getsockname()[1]
         try:
-            engine_args = AsyncEngineArgs.from_cli_args(args)
-            self.engine = AsyncLLM.from_engine_args(engine_args)
+            engine_args = compat.get("AsyncEngineArgs").from_cli_args(args)
+            self.engine = compat.get("AsyncLLM").from_engine_args(engine_args)
             self.app = await build_lora_app(self.engine, args, LoraExtConfig(**(config or {})))
             self.manager = self.app.state.lora_ext  # vLLM's lifespan deletes app.state
             uv_config = uvicorn.Config(
@@ -76,7 +74,7 @@ class LoraServer:
             # vLLM's own: once the engine died, stop serving (connections refused, not
             # 500s), as stock `vllm serve` does; health() then reports it for a restart.
             self.watchdog = asyncio.get_running_loop().create_task(
-                watchdog_loop(self.server, self.engine)
+                compat.get("watchdog_loop")(self.server, self.engine)
             )
             async with asyncio.timeout(_START_TIMEOUT_S):
                 while not self.server.started:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -117,3 +118,31 @@ def test_n_samples_continue_independently():
     st.start_segment([1])
     final = st.absorb(out([21, 22, 23], finish="length"), 1, 2, continuing=False)
     assert [c.token_ids for c in final.outputs] == [[10], [20, 21, 22, 23]]
+
+
+def test_vllms_weight_version_spans_pass_through_a_continuation_shifted():
+    """vLLM's engine-wide ``weight_versions`` (base weights, 0.33's
+    ``return_weight_versions``) stay beside our per-adapter spans: a continued sample
+    carries both segments' spans, the second shifted by the tokens before it."""
+    span = compat_span()
+    st = Stitcher("r", params(RequestOutputKind.FINAL_ONLY))
+    first = out([10, 11], finish="abort")
+    first.outputs[0].weight_versions = [span("w1", 0, 2)]
+    assert st.absorb(first, None, 1, continuing=True) is None
+    st.start_segment([0])
+    tail = out([12, 13, 14, 15], finish="length", prompt=[*PROMPT, 10, 11])
+    tail.outputs[0].weight_versions = [span("w1", 0, 1), span("w2", 1, 4)]
+    final = st.absorb(tail, 0, 2, continuing=True)
+    c = final.outputs[0]
+    assert c.token_ids == [10, 11, 12, 13, 14, 15]
+    assert [(w.version, w.start, w.end) for w in c.weight_versions] == [("w1", 0, 3), ("w2", 3, 6)]
+    assert [(s.version, s.start, s.end) for s in st.samples[0].spans] == [(1, 0, 2), (2, 2, 6)]
+
+
+def compat_span():
+    import vllm.outputs
+
+    span = getattr(vllm.outputs, "WeightVersionSpan", None)
+    if span is None:
+        pytest.skip("this vLLM has no weight-version spans")
+    return span

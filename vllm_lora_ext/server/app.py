@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI
 
+from vllm_lora_ext import compat
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server import worker_loader
 from vllm_lora_ext.server.plugin import ensure_attached
@@ -21,10 +22,8 @@ from vllm_lora_ext.server.plugin import ensure_attached
 
 def parse_server_args(argv: Sequence[str]) -> Namespace:
     """Parse ``vllm serve``-style arguments with vLLM's own parser and checks."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_lora_ext serve"))
+    make_arg_parser = compat.get("make_arg_parser")
+    parser = make_arg_parser(compat.get("FlexibleArgumentParser")(prog="vllm_lora_ext serve"))
     group = parser.add_argument_group("lora_ext")
     group.add_argument(
         "--watch",
@@ -59,7 +58,7 @@ def parse_server_args(argv: Sequence[str]) -> Namespace:
         "only, as in vLLM.",
     )
     args = parser.parse_args(list(argv))
-    validate_parsed_serve_args(args)
+    compat.get("validate_parsed_serve_args")(args)
     return args
 
 
@@ -93,9 +92,8 @@ def config_from_args(args: Namespace) -> LoraExtConfig:
 
 async def build_lora_app(engine, args: Namespace, config: LoraExtConfig | None = None) -> FastAPI:
     """vLLM's app for ``engine`` plus our routes, with app state initialised."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-
+    init_app_state = compat.get("init_app_state")
+    build_app = compat.get("build_app")
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)
     ensure_attached(app, config)
@@ -115,8 +113,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 async def run_cli_server(argv: Sequence[str]) -> None:
     """``python -m vllm_lora_ext serve <vLLM args>``: the stock server, our routes on."""
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.launcher import serve_http
+    build_async_engine_client = compat.get("build_async_engine_client")
+    serve_http = compat.get("serve_http")
 
     args = parse_server_args(argv)
     apply_launch_flags(args)

@@ -8,13 +8,17 @@ response whose tokens, text and logprobs are the concatenation, in whatever
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
-from vllm.outputs import CompletionOutput, RequestOutput
-from vllm.sampling_params import RequestOutputKind, SamplingParams
-
 from vllm_lora_ext import continuable
+from vllm_lora_ext.compat import (
+    CompletionOutput,
+    RequestOutput,
+    RequestOutputKind,
+    SamplingParams,
+)
 
 ABORT = "abort"
 
@@ -40,6 +44,8 @@ class Sample:
     spans: list[Span] = field(default_factory=list)
     interrupted: bool = False
     note: str | None = None  # why an abort ends it (shown as its stop_reason)
+    # vLLM's engine-wide base-weight spans (``weight_versions``), offsets into token_ids.
+    weight_versions: list | None = None
     # State at the start of the running segment (for cumulative output kinds).
     base_tokens: int = 0
     base_text: int = 0
@@ -62,6 +68,20 @@ class Sample:
             self.spans[-1].end = end
         else:
             self.spans.append(Span(version, start, end))
+
+
+    def add_weight_versions(self, spans: list | None) -> None:
+        """vLLM's base-weight spans of the running segment (offsets into its own
+        tokens), kept beside ours: shifted to offsets into the whole sample."""
+        if not spans:
+            return
+        kept = self.weight_versions = self.weight_versions or []
+        for span in spans:
+            start, end = span.start + self.base_tokens, span.end + self.base_tokens
+            if kept and kept[-1].version == span.version and kept[-1].end == start:
+                kept[-1] = dataclasses.replace(kept[-1], end=end)
+            else:
+                kept.append(dataclasses.replace(span, start=start, end=end))
 
 
 class Stitcher:
@@ -151,6 +171,7 @@ class Stitcher:
             if c.cumulative_logprob is not None:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob
             s.add_span(version, before, len(s.token_ids))
+            s.add_weight_versions(getattr(c, "weight_versions", None))
             s.stop_reason = c.stop_reason
             if c.finish_reason == ABORT and continuing:
                 rewritten = True
@@ -197,7 +218,10 @@ class Stitcher:
         return self._completion(s)
 
     def _completion(self, s: Sample, **delta) -> CompletionOutput:
+        # Like vLLM, spans come with a sample's final output only.
+        extra = {"weight_versions": s.weight_versions} if s.weight_versions and s.done else {}
         return CompletionOutput(
+            **extra,
             index=s.index,
             text=delta.get("text", s.text),
             token_ids=delta.get("token_ids", list(s.token_ids)),

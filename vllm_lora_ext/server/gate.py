@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from vllm.exceptions import GracefulHTTPError
-from vllm.inputs import TokensPrompt
-from vllm.lora.request import LoRARequest
-from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
-from vllm.utils.async_utils import merge_async_iterators
-
+from vllm_lora_ext import compat
+from vllm_lora_ext.compat import (
+    GracefulHTTPError,
+    LoRARequest,
+    RequestOutput,
+    SamplingParams,
+    TokensPrompt,
+    merge_async_iterators,
+)
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, LoraExtError
 from vllm_lora_ext.server import attribution, metrics
@@ -91,6 +93,7 @@ class Gate:
         config: LoraExtConfig,
         settle: Callable[[str], None],
     ) -> None:
+        compat.check_engine(engine)
         self.engine = engine
         self.registry = registry
         self.config = config

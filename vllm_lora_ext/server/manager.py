@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.lora.request import LoRARequest
-
 from vllm_lora_ext import broadcast
+from vllm_lora_ext.compat import LoRARequest
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.server import metrics

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from starlette.datastructures import State
 from starlette.middleware import Middleware
 
+from vllm_lora_ext import compat
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.attribution import AttributionMiddleware
 from vllm_lora_ext.server.auth import AdminGuard
@@ -31,6 +32,7 @@ class LoraExtPlugin:
     required_tasks = ("generate",)
 
     def __init__(self, config: LoraExtConfig | None = None) -> None:
+        compat.check("server")  # refuse an untested vLLM before any route exists
         self.config = config
 
     @property

@@ -22,6 +22,7 @@ import functools
 import logging
 from typing import Any
 
+from vllm_lora_ext import compat
 from vllm_lora_ext.errors import InvalidAdapterError
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -30,8 +31,8 @@ logger = logging.getLogger("vllm.lora_ext")
 def install() -> None:
     """Patch the CPU punica wrapper's ``add_lora_logits`` (in the worker processes)."""
     try:
-        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-    except ImportError:  # no CPU punica in this vLLM build
+        PunicaWrapperCPU = compat.get("PunicaWrapperCPU")
+    except compat.IncompatibleVLLMError:  # no CPU punica in this vLLM build
         return
     original = PunicaWrapperCPU.add_lora_logits
     if getattr(original, "_lora_ext", False):
@@ -51,10 +52,9 @@ def install() -> None:
 
 def on_cpu() -> bool:
     try:
-        from vllm.platforms import current_platform
-    except ImportError:
+        return bool(compat.get("current_platform").is_cpu())
+    except compat.IncompatibleVLLMError:
         return False
-    return bool(current_platform.is_cpu())
 
 
 def check_no_lm_head(leaf_modules: set[str], path: str) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from vllm_lora_ext import compat
 from vllm_lora_ext.errors import LoraExtError
 from vllm_lora_ext.server.registry import split_version
 
@@ -39,9 +40,7 @@ if TYPE_CHECKING:
 
 def error_response(message: str, status: int) -> Any:
     """vLLM's ``ErrorResponse`` (what its LoRA routes return on failure)."""
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-    return create_error_response(
+    return compat.get("create_error_response")(
         message=message, err_type=HTTPStatus(status).phrase, status_code=HTTPStatus(status)
     )
 

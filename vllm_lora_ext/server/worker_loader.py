@@ -28,6 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from vllm_lora_ext import compat
+
 logger = logging.getLogger("vllm.lora_ext")
 
 ENV_FLAG = "LORA_EXT_WORKER_LOADER"
@@ -192,7 +194,7 @@ def wanted() -> bool:
 def install() -> None:
     """Read LoRA safetensors with :class:`SafetensorsFile` in this process (called by
     :mod:`~vllm_lora_ext.server.worker_plugin` where :func:`wanted`)."""
-    import vllm.lora.lora_model as lora_model
+    lora_model = compat.get("lora_model")
 
     current = getattr(lora_model, "safetensors", None)
     if getattr(current, "safe_open", None) is SafetensorsFile:
