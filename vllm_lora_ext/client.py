@@ -157,6 +157,17 @@ class _Route:
     replica: str | None = None
 
 
+@dataclass
+class Scored:
+    """The logprob of each given token under one adapter version (``None`` for the
+    first token: nothing precedes it)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    version: int | None  # the adapter version that scored them (None: the base model)
+    replica: str
+
+
 def _rendezvous(session: str, url: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{session}\x00{url}".encode(), digest_size=8).digest())
 
@@ -621,6 +632,87 @@ class RemoteInferenceClient:
             "stream": stream,
         }
 
+    # ---- scoring --------------------------------------------------------------------------
+    async def compute_logprobs(
+        self,
+        lora_name: str | None,
+        token_ids: Sequence[int] | Sequence[Sequence[int]],
+        version: int | None = None,
+        *,
+        base_model: str | None = None,
+        session: str | None = None,
+    ) -> list[Scored]:
+        """The logprob of every given token under exactly one adapter version, for one
+        sequence or a batch (one request; one :class:`Scored` per sequence, in order).
+        ``version=None`` scores on the replica's current version, read first and then
+        pinned (``name@N``), so a swap between the two cannot split a batch; the answer
+        names it. A version that left is :class:`RequestRejected` (404). Scores are vLLM's
+        prompt logprobs: the raw model's, as sampled logprobs are. ``session`` routes
+        to the replica holding that session's prefix."""
+        batch = (
+            [list(token_ids)]
+            if token_ids and isinstance(token_ids[0], int)
+            else [
+                list(seq)
+                for seq in token_ids  # type: ignore[union-attr]
+            ]
+        )
+        if not batch or any(len(seq) < 1 for seq in batch):
+            raise ValueError("token_ids must hold at least one token per sequence")
+        tried: set[str] = set()
+        last: Exception | None = None
+        for _ in range(len(self.replicas)):
+            replica = await self._choose(tried, _Route(session))
+            tried.add(replica.url)
+            failed = False
+            try:
+                return await self._score(replica.url, lora_name, batch, version, base_model)
+            except httpx.TransportError as e:
+                failed = True
+                last = _Transient(f"{replica.url}: {type(e).__name__}: {e}")
+            except _Transient as e:
+                failed, last = True, e
+            finally:
+                self._done(replica, failed)
+        raise NoReplicaAvailable(f"no replica could score the tokens: {last}")
+
+    async def _score(
+        self,
+        url: str,
+        lora_name: str | None,
+        batch: list[list[int]],
+        version: int | None,
+        base_model: str | None,
+    ) -> list[Scored]:
+        if lora_name is not None and version is None:
+            version = await self._current_version(url, lora_name)
+        body = {
+            "model": self._model(lora_name, version, base_model),
+            "prompt": batch,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,  # the given token's logprob at each position
+        }
+        r = await self._http().post(
+            f"{url}/v1/completions", json=body, headers=self._headers(False)
+        )
+        _check_status(r, url)
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        if len(choices) != len(batch):
+            raise _Transient(f"{url}: {len(choices)} choices for {len(batch)} sequences")
+        return [
+            Scored(seq, _prompt_logprobs(seq, c.get("prompt_logprobs")), version, url)
+            for seq, c in zip(batch, choices, strict=True)
+        ]
+
+    async def _current_version(self, url: str, lora_name: str) -> int:
+        r = await self._http().get(f"{url}/skyrl/v1/loras", headers=self._headers(False))
+        _check_status(r, url)
+        for adapter in r.json().get("adapters", []):
+            if adapter.get("lora_name") == lora_name:
+                return int(adapter["version"])
+        raise RequestRejected(404, f"adapter '{lora_name}' is not loaded", url)
+
     # ---- control operations, fanned out -------------------------------------------------
     async def _fanout(
         self, op: str, payload: dict[str, Any] | None, urls: Sequence[str] | None = None
@@ -786,6 +878,23 @@ def _check_status(r: httpx.Response, replica: str) -> None:
         raise _Transient(f"{replica} answered {r.status_code}: {_error_text(r)}")
     if r.status_code != 200:
         raise RequestRejected(r.status_code, _error_text(r), replica)
+
+
+def _prompt_logprobs(seq: list[int], entries: list | None) -> list[float | None]:
+    """vLLM's ``prompt_logprobs`` (per position: None, or ``{token_id: {"logprob"}}``
+    holding at least the given token) as the given tokens' logprobs."""
+    if not isinstance(entries, list) or len(entries) != len(seq):
+        raise _Transient(f"no prompt logprobs for {len(seq)} tokens in the answer")
+    out: list[float | None] = []
+    for token, entry in zip(seq, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        got = entry.get(str(token))
+        if not isinstance(got, dict):
+            raise _Transient(f"prompt logprobs lack token {token}")
+        out.append(float(got["logprob"]))
+    return out
 
 
 def _error_of(event: dict[str, Any]) -> tuple[str, int]:

@@ -134,6 +134,12 @@ HOOKS: dict[str, Hook] = {
             ("request_ids",),
         ),
         Hook(
+            "ParentRequest.get_child_info",
+            ("vllm.v1.engine.parallel_sampling:ParentRequest.get_child_info",),
+            "n > 1 children's ids (child_request_id)",
+            ("index",),
+        ),
+        Hook(
             "OpenAIServingModels.load_lora_adapter",
             ("vllm.entrypoints.openai.models.serving:OpenAIServingModels.load_lora_adapter",),
             "vLLM's load route through our manager",
@@ -387,12 +393,8 @@ def check_engine(engine: Any) -> None:
         )
 
 
-def has_weight_versions() -> bool:
-    """vLLM 0.33 added engine-wide weight-version spans to each completion."""
-    return any(f.name == "weight_versions" for f in fields(CompletionOutput))
-
-
-def pause_rejects_new_requests() -> bool:
-    """vLLM 0.33's global ``abort``/``wait`` pause answers new requests with a retryable
-    503; 0.32's holds them until resume."""
-    return Version(Version(vllm_version()).base_version) >= Version("0.33")
+def child_request_id(parent_id: str, index: int) -> str:
+    """The internal id vLLM's ``ParentRequest.get_child_info`` gives child ``index`` of
+    an ``n > 1`` request (same on 0.32 and 0.33; the gate's unit tests run vLLM's own
+    fan-out against it)."""
+    return f"{index}_{parent_id}"

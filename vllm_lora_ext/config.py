@@ -106,6 +106,16 @@ class LoraExtConfig(BaseSettings):
         "LoRA resolvers through the extension (new names become managed, in-place reloads "
         "new versions). False leaves them stock: such adapters bypass the extension.",
     )
+    stack_routes: set[Literal["prime-rl", "areal"]] = Field(
+        default_factory=set,
+        description="Serve an RL stack's own routes under the names its code calls: "
+        "'prime-rl' (POST /load_lora_adapter, GET /liveness), 'areal' (POST "
+        "/areal_pause_generation, /areal_continue_generation). Opt-in: a stock-vLLM user "
+        'would not expect them. Env: LORA_EXT_STACK_ROUTES=\'["prime-rl", "areal"]\'.',
+    )
+    liveness_timeout_s: float = Field(
+        default=10.0, gt=0, description="Bound of one engine health check (GET /liveness)."
+    )
     lora_id_base: int = Field(
         default=1_000_000,
         ge=1,

@@ -47,6 +47,9 @@ def server_proc(toy: ToyAssets, watch_root: Path, tmp_path_factory) -> Iterator[
         "--allow-runtime-lora-updating",
         "--dev-mode",
         "--enable-scale-out",
+        # prime-rl's and AReaL's own routes (tests/gpu/test_stack_replays.py).
+        "--lora-stack-routes",
+        "prime-rl,areal",
     ]
     server = start_server(cmd, port, log, SERVER_ENV)
     warm_up(server.url, ["meow", "woof", "toy-base"])

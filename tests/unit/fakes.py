@@ -176,6 +176,7 @@ class FakeEngine:
         self.fail_generate: Exception | None = None
         self.seen_loras: list[str | None] = []
         self.global_paused: str | None = None
+        self.health_delay_s = 0.0
 
     async def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
@@ -222,6 +223,9 @@ class FakeEngine:
 
     async def resume_generation(self) -> None:
         self.global_paused = None
+
+    async def check_health(self) -> None:
+        await asyncio.sleep(self.health_delay_s)
 
     def shutdown(self) -> None:
         if self.output_handler is not None:

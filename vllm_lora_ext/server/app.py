@@ -22,6 +22,7 @@ from vllm_lora_ext.server.plugin import ensure_attached
 
 def parse_server_args(argv: Sequence[str]) -> Namespace:
     """Parse ``vllm serve``-style arguments with vLLM's own parser and checks."""
+    compat.check("server")  # before an engine starts: an untested vLLM is refused here
     make_arg_parser = compat.get("make_arg_parser")
     parser = make_arg_parser(compat.get("FlexibleArgumentParser")(prog="vllm_lora_ext serve"))
     group = parser.add_argument_group("lora_ext")
@@ -43,6 +44,13 @@ def parse_server_args(argv: Sequence[str]) -> Namespace:
         default=[],
         metavar="DIR",
         help="Allowed root of every lora_path (repeatable; or LORA_EXT_LORA_ROOTS).",
+    )
+    group.add_argument(
+        "--lora-stack-routes",
+        default="",
+        metavar="STACKS",
+        help="Serve RL stacks' own routes: comma-separated of prime-rl, areal (or "
+        "LORA_EXT_STACK_ROUTES).",
     )
     group.add_argument(
         "--allow-runtime-lora-updating",
@@ -87,6 +95,8 @@ def config_from_args(args: Namespace) -> LoraExtConfig:
         overrides["admin_key"] = args.lora_admin_key
     if args.lora_root:
         overrides["lora_roots"] = args.lora_root
+    if args.lora_stack_routes:
+        overrides["stack_routes"] = {s.strip() for s in args.lora_stack_routes.split(",")}
     return LoraExtConfig(**overrides)
 
 

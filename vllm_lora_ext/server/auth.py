@@ -61,6 +61,7 @@ OPEN: frozenset[tuple[str, str]] = frozenset(
             ("GET", p)
             for p in (
                 "/health",
+                "/liveness",  # prime-rl's probe (stack_routes)
                 "/ping",
                 "/version",
                 "/load",

@@ -69,7 +69,6 @@ class Sample:
         else:
             self.spans.append(Span(version, start, end))
 
-
     def add_weight_versions(self, spans: list | None) -> None:
         """vLLM's base-weight spans of the running segment (offsets into its own
         tokens), kept beside ours: shifted to offsets into the whole sample."""

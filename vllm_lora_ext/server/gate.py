@@ -104,6 +104,7 @@ class Gate:
         self._assign_request_id = engine.input_processor.assign_request_id
         self._by_segment: dict[str, Flight] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._all_held: asyncio.Event | None = None  # set (and dropped) by release_all
         self.closed = False
         self._installed = False
 
@@ -120,6 +121,7 @@ class Gate:
         """Wake every waiting request: held ones end with a 503, keep-stopped ones
         partial. The hooks stay until :meth:`uninstall` (requests still finish)."""
         self.closed = True
+        self.release_all()
         for name in list(self._events):
             self.pulse(name)
 
@@ -134,6 +136,35 @@ class Gate:
 
     def sizes(self) -> dict[str, int]:
         return {"segments": len(self._by_segment), "events": len(self._events)}
+
+    # ---- holding every request (an RL stack's global pause) -------------------------
+    @property
+    def holding_all(self) -> bool:
+        return self._all_held is not None
+
+    def hold_all(self) -> None:
+        """Hold every new request, any model, and every continuation about to start,
+        until :meth:`release_all` (AReaL's pause: its server holds, on every vLLM
+        version, where vLLM 0.33's own global pause answers 503)."""
+        if self._all_held is None:
+            self._all_held = asyncio.Event()
+
+    def release_all(self) -> None:
+        event, self._all_held = self._all_held, None
+        if event is not None:
+            event.set()
+
+    async def _wait_all_released(self) -> bool:
+        """Whether the global hold is off (at once, or within ``hold_timeout_s``)."""
+        event = self._all_held
+        if event is None:
+            return True
+        try:
+            async with asyncio.timeout(self.config.hold_timeout_s):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return not self.closed
 
     # ---- waiting on adapter state -------------------------------------------------
     def pulse(self, name: str) -> None:
@@ -213,6 +244,13 @@ class Gate:
         lora_request: LoRARequest | None = None,
         **kwargs: Any,
     ) -> AsyncGenerator[RequestOutput, None]:
+        if not await self._wait_all_released():
+            raise http_error(
+                AdapterBusyError(
+                    "the server is paused for a weight update (held "
+                    f"{self.config.hold_timeout_s}s); retry"
+                )
+            )
         target = self._resolve(lora_request)
         if target is None:  # base model, or an adapter we do not manage
             async for out in self._generate(
@@ -356,9 +394,8 @@ class Gate:
     # ---- segments -----------------------------------------------------------------
     def _link(self, seg: _Segment, internal_id: str, n: int) -> None:
         seg.internal_id = internal_id
-        # vLLM's ParentRequest.get_child_info names the children so: known before the
-        # parent exists and after an abort emptied it.
-        seg.children = [f"{i}_{internal_id}" for i in range(n)] if n > 1 else []
+        # Known before the parent exists and after an abort emptied it.
+        seg.children = [compat.child_request_id(internal_id, i) for i in range(n)] if n > 1 else []
         for rid in (internal_id, *seg.children):
             seg.flight.segments.add(rid)
             self._by_segment[rid] = seg.flight
@@ -445,7 +482,8 @@ class Gate:
             indices = stitcher.to_continue()
             if not indices:
                 return
-            if not await self._wait_for_resume(flight):
+            # A stack's global hold first: the adapter's own state is checked after it.
+            if not (await self._wait_all_released() and await self._wait_for_resume(flight)):
                 final = stitcher.give_up()
                 if final is not None:
                     yield final

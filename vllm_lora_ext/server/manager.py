@@ -389,6 +389,22 @@ class LoraManager:
         await self.engine.resume_generation()
         return {"lora_name": None, "paused": False}
 
+    async def pause_everything(self) -> None:
+        """AReaL's pause: hold every new request (any model), then vLLM's global
+        abort pause with the prefix cache cleared ends everything running. Requests held
+        by a per-adapter pause stay held. A failed pause holds nothing."""
+        self.gate.hold_all()
+        try:
+            await self.engine.pause_generation(mode="abort", clear_cache=True)
+        except BaseException:
+            self.gate.release_all()
+            raise
+
+    async def continue_everything(self) -> None:
+        """AReaL's continue: vLLM's resume, then the held requests go on."""
+        await self.engine.resume_generation()
+        self.gate.release_all()
+
     async def abort(self, name: str) -> int:
         """End every request of ``name`` now, partial (held ones too); their number."""
         adapter = self.registry.get(name)

@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 
 from vllm_lora_ext import compat
 from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.server import stacks
 from vllm_lora_ext.server.attribution import AttributionMiddleware
 from vllm_lora_ext.server.auth import AdminGuard
 from vllm_lora_ext.server.manager import LoraManager
@@ -47,6 +48,7 @@ class LoraExtPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        stacks.attach(app, self.settings.stack_routes)
         take_over_abort_route(app)
         if not any(m.cls is AttributionMiddleware for m in app.user_middleware):
             # vLLM's build_app may already have built the stack (Starlette then refuses
