@@ -53,7 +53,8 @@ __all__ = [
 
 logger = logging.getLogger("vllm.lora_ext")
 
-SUPPORTED = SpecifierSet(">=0.32,<0.34")
+SUPPORTED_RANGE = ">=0.32,<0.34"  # also the cuda extra's (a unit test keeps them equal)
+SUPPORTED = SpecifierSet(SUPPORTED_RANGE)
 TESTED = ("0.32.0", "0.33.0")
 ALLOW_UNTESTED_ENV = "LORA_EXT_ALLOW_UNTESTED_VLLM"
 
@@ -356,7 +357,7 @@ def check(scope: Scope = "server", version: str | None = None) -> str:
     tested = in_range(version)
     if not tested and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
         raise IncompatibleVLLMError(
-            f"vllm-lora-ext supports vLLM {SUPPORTED} (tested: {', '.join(TESTED)}); this "
+            f"vllm-lora-ext supports vLLM {SUPPORTED_RANGE} (tested: {', '.join(TESTED)}); this "
             f"is vLLM {version}. Install a supported vLLM, or set {ALLOW_UNTESTED_ENV}=1 "
             "to try this one at your own risk (every hook point is then checked at start-up)."
         )
@@ -370,7 +371,7 @@ def check(scope: Scope = "server", version: str | None = None) -> str:
             "lora_ext: vLLM %s is untested (supported: %s); every hook point was found, "
             "running at your own risk (%s=1)",
             version,
-            SUPPORTED,
+            SUPPORTED_RANGE,
             ALLOW_UNTESTED_ENV,
         )
     return version

@@ -89,10 +89,18 @@ def test_a_moved_module_uses_its_alternative_location():
     assert callable(compat.get("make_arg_parser"))
 
 
-def test_the_plugin_refuses_to_load_into_an_untested_vllm(monkeypatch):
+def test_the_plugin_stops_stock_vllm_from_starting_on_an_untested_vllm(monkeypatch):
+    """Through vLLM's own plugin loader, which skips a plugin whose constructor raises
+    an Exception (the server would start without our routes and guard): it stops."""
+    from vllm.plugins import load_endpoint_plugins
+
     monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_ext")
+    assert [p.name for p in load_endpoint_plugins(("generate",))] == ["lora_ext"]
     monkeypatch.setattr(compat, "vllm_version", lambda: "0.31.0")
-    with pytest.raises(compat.IncompatibleVLLMError, match="supports vLLM"):
+    with pytest.raises(SystemExit, match="supports vLLM >=0.32,<0.34"):
+        load_endpoint_plugins(("generate",))
+    with pytest.raises(SystemExit, match="supports vLLM"):
         LoraExtPlugin()
 
 

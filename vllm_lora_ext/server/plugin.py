@@ -33,7 +33,12 @@ class LoraExtPlugin:
     required_tasks = ("generate",)
 
     def __init__(self, config: LoraExtConfig | None = None) -> None:
-        compat.check("server")  # refuse an untested vLLM before any route exists
+        try:
+            compat.check("server")  # refuse an untested vLLM before any route exists
+        except compat.IncompatibleVLLMError as e:
+            # vLLM's loader logs and skips a plugin whose constructor raises an Exception:
+            # the server would then start without our gate and admin guard. Stop it.
+            raise SystemExit(f"lora_ext: {e}") from e
         self.config = config
 
     @property
