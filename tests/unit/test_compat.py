@@ -98,7 +98,7 @@ def test_the_plugin_stops_stock_vllm_from_starting_on_an_untested_vllm(monkeypat
     monkeypatch.setenv("VLLM_PLUGINS", "lora_ext")
     assert [p.name for p in load_endpoint_plugins(("generate",))] == ["lora_ext"]
     monkeypatch.setattr(compat, "vllm_version", lambda: "0.31.0")
-    with pytest.raises(SystemExit, match="supports vLLM >=0.32,<0.34"):
+    with pytest.raises(SystemExit, match=r"supports vLLM >=0\.32,<0\.34"):
         load_endpoint_plugins(("generate",))
     with pytest.raises(SystemExit, match="supports vLLM"):
         LoraExtPlugin()
