@@ -34,12 +34,22 @@ class LoraServer:
         self.serve_task: asyncio.Task | None = None
         self.watchdog: asyncio.Task | None = None
         self.url: str | None = None
+        self._starting: asyncio.Task | None = None
 
     async def start(
         self, server_args: Sequence[str], config: dict | None = None, bind_all: bool = False
     ) -> str:
         """Start engine and HTTP server on this node's IP (``bind_all``: every
-        interface); returns ``http://<node IP>:<port>``."""
+        interface); returns ``http://<node IP>:<port>``. Single-flight: a second caller
+        (a restarted supervisor adopting this replica mid-start) waits for the same
+        start, and once serving every call returns the URL at once."""
+        if self._starting is None or (self._starting.done() and self.url is None):
+            self._starting = asyncio.get_running_loop().create_task(
+                self._start(server_args, config, bind_all)
+            )
+        return await asyncio.shield(self._starting)
+
+    async def _start(self, server_args: Sequence[str], config: dict | None, bind_all: bool) -> str:
         import uvicorn
 
         from vllm_lora_ext import compat
@@ -184,6 +194,21 @@ class ReplicaSpec:
             spec.env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(i) for i in range(shape.workers))
         return spec
 
+    def placement_group(self, name: str, timeout_s: float) -> Any:
+        """One named, detached placement group (it outlives the supervisor that made it;
+        a restarted one finds it by name), placed within ``timeout_s``."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        plan(_nodes(), 1, self.shape)
+        group = placement_group(
+            self.shape.bundles(), strategy="STRICT_PACK", name=name, lifetime="detached"
+        )
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise PlacementError(f"placement group {name} not placed within {timeout_s:g}s")
+        return group
+
     def placement_groups(self, count: int, timeout_s: float) -> list[Any]:
         """``count`` placement groups, placed (refused up front when the cluster can
         never hold them, naming what is missing)."""
@@ -203,11 +228,14 @@ class ReplicaSpec:
             )
         return groups
 
-    def actor_in(self, group: Any) -> Any:
-        """A new (not yet started) server actor on bundle 0 of ``group``."""
+    def actor_in(self, group: Any, name: str | None = None) -> Any:
+        """A new (not yet started) server actor on bundle 0 of ``group``; with ``name``
+        a named detached actor (it outlives the supervisor that made it)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        named = {"name": name, "lifetime": "detached"} if name is not None else {}
         return LoraServerActor.options(
+            **named,
             num_cpus=self.shape.cpus_per_worker,
             # One worker: the actor runs it and holds the GPU; more: vLLM's Ray workers
             # take the bundles' GPUs.

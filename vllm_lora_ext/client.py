@@ -51,6 +51,10 @@ from vllm_lora_ext import continuable
 
 ROUTES = "/skyrl/v1"
 VERSION_HEADER = "x-lora-version"
+#: Calls that change what a fleet serves (through ``control`` when a client has one).
+FLEET_OPS = frozenset(
+    {"load_lora_adapter", "unload_lora_adapter", "pause", "resume", "pin_lora_adapter"}
+)
 logger = logging.getLogger(__name__)
 
 
@@ -201,11 +205,15 @@ class RemoteInferenceClient:
         transport: httpx.AsyncBaseTransport | None = None,
         replica_source: Callable[[], Awaitable[Sequence[str]]] | None = None,
         refresh_every_s: float = 5.0,
+        control: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         """``replica_source`` (e.g. a supervisor's ``urls()``, see
         ``ray_actors.supervisor.follow``) is asked for the replica set every
         ``refresh_every_s`` and whenever no listed replica answers: the client follows
-        restarts and replicas added or removed."""
+        restarts and replicas added or removed. ``control`` (a fleet supervisor's
+        ``control``) takes the calls that change what the fleet serves (loads, unloads,
+        pins, pauses, resumes): it records them as the fleet's desired state, then fans
+        them out, so a replica that is down or restarting gets them too."""
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("at least one server URL is needed")
@@ -219,6 +227,7 @@ class RemoteInferenceClient:
         self._transport = transport  # tests: a scripted server
         self.replica_source = replica_source
         self.refresh_every_s = refresh_every_s
+        self.control = control
         self._refreshed = time.monotonic()
         self._lock = threading.Lock()
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
@@ -717,6 +726,8 @@ class RemoteInferenceClient:
     async def _fanout(
         self, op: str, payload: dict[str, Any] | None, urls: Sequence[str] | None = None
     ) -> dict[str, Any]:
+        if self.control is not None and payload is not None and op in FLEET_OPS:
+            return await self._through_fleet(op, payload)
         targets = list(urls) if urls is not None else [r.url for r in self.replicas]
         outcomes = await asyncio.gather(
             *(self._control(url, op, payload) for url in targets), return_exceptions=True
@@ -731,6 +742,19 @@ class RemoteInferenceClient:
         if failures:
             raise FanoutError(op, failures, results)
         return results
+
+    async def _through_fleet(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A control call through the fleet's supervisor: recorded, then fanned out
+        (replicas that failed it are unlisted and converged by the supervisor: not this
+        caller's failure). Refused (nothing recorded): :class:`FanoutError`."""
+        assert self.control is not None
+        answer = await self.control(op, payload)
+        error = answer.get("error")
+        if error is not None:
+            raise FanoutError(op, {"fleet": f"{error['status']}: {error['message']}"}, {})
+        if answer.get("reconciling"):
+            logger.warning("%s: replicas converged by the fleet: %s", op, answer["reconciling"])
+        return answer["results"]
 
     async def _control(self, url: str, op: str, payload: dict[str, Any] | None) -> Any:
         try:
@@ -812,6 +836,12 @@ class RemoteInferenceClient:
             return await self.load_lora_adapter(
                 lora_name, lora_path, interrupt=interrupt, version=version
             )
+        if self.control is not None:  # the fleet records each step and converges replicas
+            await self.pause_generation(lora_name, mode="keep")
+            try:
+                return await self.load_lora_adapter(lora_name, lora_path, version=version)
+            finally:
+                await self.resume_generation(lora_name)
         failures: dict[str, list[str]] = {}
         paused: list[str] = []
         results: dict[str, Any] = {}

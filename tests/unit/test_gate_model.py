@@ -16,14 +16,13 @@ returns to empty once every name is gone.
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from exploration import SEED, announce, examples
 from fakes import FakeEngine, token_at, write_adapter
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
@@ -344,14 +343,11 @@ class GateMachine(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-#: A fresh seed every run, in CI too (hypothesis' CI profile would derandomize and
-#: explore nothing new); LORA_EXT_HYPOTHESIS_SEED replays one.
-SEED = int(os.environ.get("LORA_EXT_HYPOTHESIS_SEED") or random.SystemRandom().randrange(2**32))
-EXAMPLES = 1000 if os.environ.get("CI") else 100
+EXAMPLES = examples(local=100)
 
 
 def test_gate_interleavings():
-    print(f"hypothesis seed {SEED} (replay: LORA_EXT_HYPOTHESIS_SEED={SEED})")
+    announce()
     run_state_machine_as_test(
         seed(SEED)(GateMachine),
         settings=settings(
