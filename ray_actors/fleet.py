@@ -65,6 +65,24 @@ class FleetIntent(BaseModel):
         out.revision += 1
         return out
 
+    def adopt(self, name: str, entry: Mapping[str, Any]) -> FleetIntent:
+        """Record a name the replicas serve but no controller recorded (one given at
+        start, ``--lora-modules``), as a replica reports it."""
+        out = self.model_copy(deep=True)
+        resident = _resident(entry)
+        out.names[name] = NameIntent(
+            current=entry["version"],
+            versions={
+                n: VersionIntent(path=v["path"], pinned=bool(v.get("pinned")))
+                for n, v in resident.items()
+                if v.get("path")
+            },
+            paused=entry.get("pause_mode") if entry.get("paused") else None,
+        )
+        out._prune(name)
+        out.revision += 1
+        return out
+
     def unload(self, name: str, version: int | None = None) -> FleetIntent:
         out = self.model_copy(deep=True)
         entry = out._entry(name)

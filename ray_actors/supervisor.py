@@ -270,8 +270,10 @@ class Supervisor:
         and ``{"error": {...}}`` says why. A replica that fails the call is unlisted
         until the checks converge it; ``reconciling`` names it."""
         async with self._control:
-            intent = self.record.intent
             name = payload.get("lora_name")
+            if name is not None and op in INTENT_OPS:
+                await self._adopt_unrecorded(name)
+            intent = self.record.intent
             body = dict(payload)
             try:
                 if name is None or op not in INTENT_OPS:
@@ -308,6 +310,20 @@ class Supervisor:
             for slot, (status, answer) in zip(targets, sent, strict=True):
                 self._sent(slot, status, answer, results, reconciling)
             return {"results": results, "reconciling": reconciling, "version": body.get("version")}
+
+    async def _adopt_unrecorded(self, name: str) -> None:
+        """A name no controller recorded but the replicas serve (given at start with
+        ``--lora-modules``): recorded as the first listed replica serves it."""
+        intent = self.record.intent
+        if name in intent.names:
+            return
+        for slot in [s for _, s in sorted(self.slots.items()) if s.listed and s.url]:
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                entry = (await _adapters(self._http(), slot.url)).get(name)
+                if entry is not None:
+                    self.record.intent = intent.adopt(name, entry)
+                    self._save()
+                return
 
     async def _send(self, slot: Slot, op: str, body: dict[str, Any]) -> tuple[int, Any]:
         async with slot.lock:
@@ -526,16 +542,18 @@ def stop_supervised(sup: Any, timeout_s: float = 600) -> None:
         ray.kill(sup, no_restart=True)
 
 
-def follow(sup: Any, **client_kwargs: Any) -> RemoteInferenceClient:
+def follow(sup: Any, control_timeout_s: float = 600, **client_kwargs: Any) -> RemoteInferenceClient:
     """A client on the fleet: it follows the replica set as replicas restart (on a new
     port, or a new node), join or leave, and its control calls go through the
-    supervisor, which records them before fanning them out."""
+    supervisor, which records them before fanning them out (each bounded by
+    ``control_timeout_s``; a call made while the supervisor restarts waits for it)."""
 
     async def urls() -> list[str]:
         return await asyncio.wrap_future(sup.urls.remote().future())
 
     async def control(op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.wrap_future(sup.control.remote(op, payload).future())
+        async with asyncio.timeout(control_timeout_s):
+            return await asyncio.wrap_future(sup.control.remote(op, payload).future())
 
     return RemoteInferenceClient(
         ray.get(sup.urls.remote()), replica_source=urls, control=control, **client_kwargs

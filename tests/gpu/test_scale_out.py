@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from ray_actors.placement import PlacementError  # noqa: E402
 from ray_actors.server_actor import launch_servers, shutdown_servers  # noqa: E402
-from ray_actors.supervisor import follow, start_supervised  # noqa: E402
+from ray_actors.supervisor import follow, start_supervised, stop_supervised  # noqa: E402
 from vllm_lora_ext import broadcast  # noqa: E402
 from vllm_lora_ext.client import _rendezvous  # noqa: E402
 
@@ -234,7 +234,7 @@ def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, t
             cluster.add_node(node_ip_address="127.0.0.3", num_cpus=1)  # (main thread only)
             client_urls = asyncio.run(_follow_until_back(client, remote))
             status = ray.get(sup.status.remote())
-            assert status["restarts"] == 1 and not status["failures"], status
+            assert status["restarts"] == 1 and _only_probe_failures(status), status
             hosts = sorted(urlsplit(u).hostname for u in status["urls"])
             assert hosts == ["127.0.0.1", "127.0.0.3"], status
             assert sorted(client_urls) == sorted(status["urls"])  # the client followed
@@ -265,7 +265,7 @@ def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, t
             ):
                 time.sleep(1)
                 status = ray.get(sup.status.remote())
-            assert status["restarts"] == 2 and not status["failures"], status
+            assert status["restarts"] == 2 and _only_probe_failures(status), status
             assert head not in status["urls"], status  # a new replica, on a new port
             hosts = sorted(urlsplit(u).hostname for u in status["urls"])
             assert hosts == ["127.0.0.1", "127.0.0.3"], status
@@ -288,13 +288,20 @@ def test_a_replica_lost_with_its_node_mid_sample_comes_back_on_a_new_node(toy, t
             assert not alive, f"the lost replica's engine lingers: {alive}"
             assert_loopback_only(status["urls"])
         finally:
-            ray.get(sup.shutdown.remote(), timeout=300)
+            stop_supervised(sup)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 LOST_MAX = 1200
+
+
+def _only_probe_failures(status: dict) -> bool:
+    """What went wrong was the replicas dying (failed probes, a dying server's timeouts),
+    nothing in restoring them (no control call refused)."""
+    routes = ("load_lora_adapter", "unload_lora_adapter", "pin_lora_adapter", "pause", "resume")
+    return not any(r in f for f in status["failures"] for r in routes)
 
 
 async def _sample_through_node_loss(client, cluster, doomed, remote: str, step: str):

@@ -205,3 +205,15 @@ def test_a_version_a_replica_cannot_take_any_more_is_named():
     have.apply("load_lora_adapter", {"lora_name": "meow", "lora_path": "/c/13", "version": 13})
     assert plan(intent, have.adapters()) == []
     assert unreachable(intent, have.adapters()) == ["meow@12"]
+
+
+def test_a_name_given_at_start_is_adopted_as_a_replica_serves_it():
+    replica = Replica()
+    replica.apply("load_lora_adapter", {"lora_name": "woof", "lora_path": "/w", "version": 1})
+    replica.apply("pause", {"lora_name": "woof", "mode": "abort"})
+    intent = FleetIntent().adopt("woof", replica.adapters()["woof"])
+    assert intent.names["woof"].current == 1 and intent.names["woof"].paused == "abort"
+    assert plan(intent, replica.adapters()) == []
+    assert plan(intent.pause("woof", None), replica.adapters()) == [
+        ("resume", {"lora_name": "woof"})
+    ]

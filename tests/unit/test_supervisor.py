@@ -331,3 +331,17 @@ async def test_scale_up_then_down_drains_before_stopping(fleet):
     assert manager is not None and last.record.actor not in fleet.actors
     assert set(sup.record.slots) == set(sup.slots)
     await stop(sup)
+
+
+async def test_names_given_at_start_are_adopted_when_a_controller_first_names_them(fleet):
+    """``--lora-modules`` adapters are served by every replica but recorded by nobody: a
+    pause of one is recorded from what a replica serves, not refused."""
+    path = str(write_adapter(fleet.tmp / "woof"))
+    sup = supervisor(fleet)
+    await sup.scale(2)
+    for actor in list(fleet.actors.values()):  # what --lora-modules does at start
+        await actor.manager.load("woof", path)
+    answer = await sup.control("pause", {"lora_name": "woof", "mode": "abort"})
+    assert "error" not in answer and len(answer["results"]) == 2
+    assert sup.record.intent.names["woof"].paused == "abort"
+    await stop(sup)
