@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -115,6 +115,30 @@ class LoraExtConfig(BaseSettings):
     )
     liveness_timeout_s: float = Field(
         default=10.0, gt=0, description="Bound of one engine health check (GET /liveness)."
+    )
+    fair_share: bool = Field(
+        default=True,
+        description="A fair share of the engine per tenant (adapter name; the base model "
+        "is the tenant '__base__'): at most the engine's batch (plus fair_share_headroom) "
+        "is admitted, the rest waits per tenant and the least served tenant goes next "
+        "(VTC). False: vLLM's first-come first-served.",
+    )
+    fair_share_headroom: int = Field(
+        default=2,
+        ge=0,
+        description="Sequences admitted beyond the engine's --max-num-seqs, so it never "
+        "idles between a finish and the next admission.",
+    )
+    fair_share_wait_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a request waits for its tenant's share (then 503).",
+    )
+    tenant_weights: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Share weight per tenant (default 1)."
+    )
+    tenant_max_in_flight: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="Most engine sequences per tenant (default: none)."
     )
     lora_id_base: int = Field(
         default=1_000_000,

@@ -125,9 +125,32 @@ class AdapterInfo(BaseModel):
     versions: list[VersionInfo]
 
 
+class TenantRequest(_Body):
+    """A tenant's share at run time: ``max_in_flight: null`` lifts its cap; a field left
+    out is left as it is."""
+
+    tenant: str = Field(
+        min_length=1, max_length=256, description="Adapter name, or '__base__' for the base model."
+    )
+    weight: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, ge=1)
+
+
+class TenantInfo(BaseModel):
+    tenant: str
+    weight: float
+    max_in_flight: int | None
+    running: int = Field(default=0, description="Engine sequences it holds now.")
+    queued: int = Field(default=0, description="Requests waiting for its share.")
+    service_tokens: int = Field(default=0, description="Prompt + generated tokens received.")
+
+
 class LorasResponse(BaseModel):
     adapters: list[AdapterInfo]
     engine_adapters: int = Field(description="Adapters registered in the engine (all names).")
+    tenants: list[TenantInfo] = Field(
+        default_factory=list, description="The fair share per tenant (empty when it is off)."
+    )
 
 
 class StateResponse(BaseModel):

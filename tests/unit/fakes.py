@@ -96,9 +96,11 @@ class FakeCore:
         self.engine = engine
         self.requests: dict[str, EngineCoreRequest] = {}
         self.made: dict[str, int] = {}
+        self.admitted: list[str] = []  # external ids, in the order they reached the core
         self.resources = SimpleNamespace(engine_dead=False)
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
+        self.admitted.append(request.external_req_id or request.request_id)
         self.requests[request.request_id] = request
         self.made[request.request_id] = 0
         await asyncio.sleep(0)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from exploration import SEED, announce, examples
@@ -70,11 +71,14 @@ class GateMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp())
         self.src = str(write_adapter(self.tmp / "src"))
         self.engine = FakeEngine(manual=True, tokens_per_request=EOS_AT)
+        # A small batch: requests also wait for their tenant's share (the fair share).
+        self.engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=2)
         config = LoraExtConfig(
             hold_timeout_s=600,
             resume_timeout_s=600,
             keep_versions=KEEP,
             stage_adapters=False,
+            fair_share_headroom=0,
         )
         self.m = LoraManager(self.engine, config)
         self.m.install()
@@ -319,7 +323,7 @@ class GateMachine(RuleBasedStateMachine):
             for name in NAMES:
                 if self.served(name):
                     self.m.resume(name)
-            for _ in range(50):
+            for _ in range(1000):  # (a small batch: the fair share admits two at a time)
                 if not self.live():
                     break
                 self.engine.step()

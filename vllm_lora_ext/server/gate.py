@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from vllm_lora_ext.compat import (
     GracefulHTTPError,
     LoRARequest,
     RequestOutput,
+    RequestOutputKind,
     SamplingParams,
     TokensPrompt,
     merge_async_iterators,
@@ -46,6 +48,7 @@ from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, LoraExtError
 from vllm_lora_ext.server import attribution, metrics
 from vllm_lora_ext.server.continuation import Stitcher
+from vllm_lora_ext.server.fairshare import FairShare, Ticket
 from vllm_lora_ext.server.registry import (
     Adapter,
     Flight,
@@ -55,6 +58,9 @@ from vllm_lora_ext.server.registry import (
     Waiter,
     split_version,
 )
+
+#: The base model's tenant name in the fair share (weights, caps, listings).
+BASE_TENANT = "__base__"
 
 
 def lora_request_of(version: Version) -> LoRARequest:
@@ -105,6 +111,7 @@ class Gate:
         self._by_segment: dict[str, Flight] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._all_held: asyncio.Event | None = None  # set (and dropped) by release_all
+        self.share = fair_share_of(engine, config)
         self.closed = False
         self._installed = False
 
@@ -166,10 +173,79 @@ class Gate:
             return False
         return not self.closed
 
+    # ---- the fair share -----------------------------------------------------------
+    async def _take_share(
+        self,
+        tenant: str,
+        slots: int,
+        flight: Flight | None = None,
+        front: bool = False,
+        priority: int = 0,
+    ) -> Ticket | None:
+        """Wait for the tenant's turn at the engine (no wait while there is room);
+        None without a fair share, or when the flight was interrupted or the server
+        closes meanwhile (it then runs without one and is stopped at once)."""
+        share = self.share
+        if share is None:
+            return None
+        ticket = Ticket(tenant, max(1, slots or 1), priority=priority)
+        self._wake(share.submit(ticket, front))
+        if ticket.granted:
+            return ticket
+
+        def ready() -> bool:
+            stopped = flight is not None and (flight.released or flight.interrupt is not None)
+            return ticket.granted or self.closed or stopped
+
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.fair_share_wait_s):
+                await self._wait(_share_key(tenant), ready)
+        except TimeoutError:
+            self._give_back(ticket)
+            raise http_error(
+                AdapterBusyError(
+                    f"tenant '{tenant}' waited {self.config.fair_share_wait_s}s for its "
+                    "share of the engine"
+                )
+            ) from None
+        except BaseException:  # cancelled (a disconnect): out of the queue
+            self._give_back(ticket)
+            raise
+        finally:
+            metrics.SHARE_WAIT.labels(tenant).observe(time.monotonic() - started)
+            if not share.queued(tenant):  # nobody of the tenant waits: no event to keep
+                self._events.pop(_share_key(tenant), None)
+        if not ticket.granted:
+            self._give_back(ticket)
+            return None
+        return ticket
+
+    def _give_back(self, ticket: Ticket | None) -> None:
+        if ticket is not None and self.share is not None:
+            self._wake(self.share.release(ticket))
+
+    def wake(self, granted: list[Ticket]) -> None:
+        """Tickets granted outside the gate (a weight or cap changed) start."""
+        self._wake(granted)
+
+    def _wake(self, granted: list[Ticket]) -> None:
+        for ticket in granted:
+            self._set(_share_key(ticket.tenant))
+
+    def _charge(self, tenant: str, tokens: int) -> None:
+        if self.share is not None and tokens:
+            self.share.charge(tenant, tokens)
+
     # ---- waiting on adapter state -------------------------------------------------
     def pulse(self, name: str) -> None:
-        """Something about ``name`` changed: its waiters re-check what they wait for."""
-        event = self._events.pop(name, None)
+        """Something about ``name`` changed: its waiters re-check what they wait for
+        (those waiting for the tenant's share too)."""
+        self._set(name)
+        self._set(_share_key(name))
+
+    def _set(self, key: str) -> None:
+        event = self._events.pop(key, None)
         if event is not None:
             event.set()
 
@@ -253,10 +329,19 @@ class Gate:
             )
         target = self._resolve(lora_request)
         if target is None:  # base model, or an adapter we do not manage
-            async for out in self._generate(
-                prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
-            ):
-                yield out
+            tenant = BASE_TENANT if lora_request is None else lora_request.lora_name
+            ticket = await self._take_share(
+                tenant, sampling_params.n, priority=kwargs.get("priority") or 0
+            )
+            try:
+                meter = _Meter(sampling_params.output_kind)
+                async for out in self._generate(
+                    prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
+                ):
+                    self._charge(tenant, meter.tokens(out))
+                    yield out
+            finally:
+                self._give_back(ticket)
             return
         flight = await self._admit(*target, request_id)
         try:
@@ -448,6 +533,30 @@ class Gate:
         book = attribution.current_book()
         if book is not None:
             book.track(request_id, stitcher.samples, flight.version.number)
+        priority = kwargs.get("priority") or 0
+        claim = [await self._take_share(flight.name, params.n, flight, priority=priority)]
+        try:
+            async with contextlib.aclosing(
+                self._segments(flight, prompt, params, request_id, kwargs, stitcher, claim)
+            ) as outputs:
+                async for out in outputs:
+                    yield out
+        finally:
+            self._give_back(claim[0])
+
+    async def _segments(
+        self,
+        flight: Flight,
+        prompt: Any,
+        params: SamplingParams,
+        request_id: str,
+        kwargs: dict,
+        stitcher: Stitcher,
+        claim: list[Ticket | None],
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The flight's engine segments; ``claim`` holds its share of the engine, given
+        back while it is stopped between segments and taken again, first in its
+        tenant's queue, to continue."""
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
         indices: list[int] | None = None  # None: the first segment, every sample
         while True:
@@ -469,8 +578,10 @@ class Gate:
                     for g in indices
                 ]
                 stitcher.start_segment(indices)
+            meters = [_Meter(params.output_kind) for _ in gens]
             async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
                 async for i, out in merged:
+                    self._charge(flight.name, meters[i].tokens(out))
                     seen = stitcher.absorb(
                         out,
                         None if indices is None else indices[i],
@@ -482,6 +593,8 @@ class Gate:
             indices = stitcher.to_continue()
             if not indices:
                 return
+            self._give_back(claim[0])  # stopped: no share while it waits for resume
+            claim[0] = None
             # A stack's global hold first: the adapter's own state is checked after it.
             if not (await self._wait_all_released() and await self._wait_for_resume(flight)):
                 final = stitcher.give_up()
@@ -489,6 +602,9 @@ class Gate:
                     yield final
                 return
             flight.interrupt = None
+            claim[0] = await self._take_share(
+                flight.name, len(indices), flight, front=True, priority=kwargs.get("priority") or 0
+            )
             metrics.CONTINUED.labels(flight.name).inc()
             self.registry.rebind(flight)
             self._settle(flight.name)
@@ -519,3 +635,46 @@ class Gate:
         except TimeoutError:
             return False
         return resumable()
+
+
+def _share_key(tenant: str) -> str:
+    """The event key of a tenant's share waiters (apart from its adapter-state waiters)."""
+    return "\x00share:" + tenant
+
+
+def fair_share_of(engine: Any, config: LoraExtConfig) -> FairShare | None:
+    """The engine's fair share: its batch (``--max-num-seqs``) plus headroom, the
+    configured weights and caps; None when off or the batch size is unknown."""
+    if not config.fair_share:
+        return None
+    scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+    seqs = getattr(scheduler, "max_num_seqs", None)
+    if not isinstance(seqs, int) or seqs < 1:
+        return None
+    return FairShare(
+        seqs + config.fair_share_headroom, config.tenant_weights, config.tenant_max_in_flight
+    )
+
+
+class _Meter:
+    """Tokens each engine output adds to its tenant's service: the prompt once, then
+    what was generated, whatever the output kind."""
+
+    def __init__(self, kind: RequestOutputKind) -> None:
+        self.delta = kind == RequestOutputKind.DELTA
+        self.seen: dict[int, int] = {}
+        self.prompted = False
+
+    def tokens(self, out: RequestOutput) -> int:
+        n = 0
+        if not self.prompted and out.prompt_token_ids:
+            n += len(out.prompt_token_ids)
+            self.prompted = True
+        for c in out.outputs:
+            made = len(c.token_ids)
+            if self.delta:
+                n += made
+            else:
+                n += max(0, made - self.seen.get(c.index, 0))
+                self.seen[c.index] = made
+        return n

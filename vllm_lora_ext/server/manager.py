@@ -320,6 +320,8 @@ class LoraManager:
             metrics.prune_vllm_lora_info()
         if self.registry.tidy(name):
             self.gate.pulse(name)
+            if self.gate.share is not None:
+                self.gate.share.forget(name)  # its counter and gauges go with the name
             metrics.forget(name)
 
     async def _remove_from_engine(self, versions: list[Version]) -> None:
@@ -426,3 +428,25 @@ class LoraManager:
 
     def snapshot(self) -> list[dict]:
         return self.registry.snapshot()
+
+    # ---- the fair share -------------------------------------------------------------
+    def tenants(self) -> dict[str, dict]:
+        """Per tenant seen: weight, cap, sequences running, requests queued, tokens
+        received (empty with the fair share off)."""
+        share = self.gate.share
+        return share.snapshot() if share is not None else {}
+
+    def configure_tenant(
+        self, tenant: str, weight: float | None = None, max_in_flight: int | bool | None = False
+    ) -> dict:
+        """Set a tenant's weight and/or cap at run time (``max_in_flight=None`` lifts
+        the cap); the tenant need not exist yet."""
+        share = self.gate.share
+        if share is None:
+            raise LoraExtError("the fair share is off on this server (fair_share=false)", 409)
+        try:
+            self.gate.wake(share.configure(tenant, weight, max_in_flight))
+        except ValueError as e:
+            raise LoraExtError(str(e), 400) from None
+        w, cap = share.settings(tenant)
+        return {"tenant": tenant, "weight": w, "max_in_flight": cap}

@@ -45,6 +45,14 @@ CONTINUED = Counter(
 )
 
 
+SHARE_WAIT = Histogram(
+    "lora_ext_tenant_queue_wait_seconds",
+    "Time a request waited for its tenant's share of the engine (fair share on).",
+    ["tenant"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
 def count_swap(name: str | None, error: BaseException | None, latency_ms: float = 0.0) -> None:
     """One load's outcome (``name`` None: a name we do not serve, so bad input cannot
     mint series)."""
@@ -70,6 +78,7 @@ def forget(name: str) -> None:
         (SWAP_LATENCY, [(name,)]),
         (INTERRUPTED, [(name, "abort"), (name, "continue")]),
         (CONTINUED, [(name,)]),
+        (SHARE_WAIT, [(name,)]),
     ):
         for labels in label_sets:
             with contextlib.suppress(KeyError):
@@ -132,14 +141,33 @@ class StateCollector(Collector):
         paused = GaugeMetricFamily(
             "lora_ext_paused", "1 while the adapter is paused.", labels=["lora_name"]
         )
+        queued = GaugeMetricFamily(
+            "lora_ext_tenant_queued_requests",
+            "Requests waiting for their tenant's share of the engine.",
+            labels=["tenant"],
+        )
+        running = GaugeMetricFamily(
+            "lora_ext_tenant_running_sequences",
+            "Engine sequences a tenant holds (fair share on).",
+            labels=["tenant"],
+        )
+        service = GaugeMetricFamily(
+            "lora_ext_tenant_service_tokens",
+            "Tokens a tenant received (prompt + generated) since its counter began.",
+            labels=["tenant"],
+        )
         for source in list(self.sources):
+            for tenant, info in getattr(source, "tenants", dict)().items():
+                queued.add_metric([tenant], info["queued"])
+                running.add_metric([tenant], info["running"])
+                service.add_metric([tenant], info["service_tokens"])
             for a in source.snapshot():
                 name = a["lora_name"]
                 resident.add_metric([name], len(a["versions"]))
                 in_flight.add_metric([name], a["in_flight"])
                 held.add_metric([name], a["held"])
                 paused.add_metric([name], 1 if a["paused"] else 0)
-        yield from (resident, in_flight, held, paused)
+        yield from (resident, in_flight, held, paused, queued, running, service)
 
 
 STATE = StateCollector()

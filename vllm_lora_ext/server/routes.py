@@ -35,6 +35,8 @@ from vllm_lora_ext.protocol import (
     PinLoraResponse,
     ResumeRequest,
     StateResponse,
+    TenantInfo,
+    TenantRequest,
     UnloadLoraRequest,
     UnloadLoraResponse,
     error_body,
@@ -158,9 +160,27 @@ async def resume(body: ResumeRequest, request: Request) -> PauseResponse:
 @router.get("/loras", responses=_ERRORS)
 async def loras(request: Request) -> LorasResponse:
     manager = manager_of(request)
+    tenants = [{"tenant": name, **info} for name, info in manager.tenants().items()]
     return LorasResponse.model_validate(
-        {"adapters": manager.snapshot(), "engine_adapters": len(await manager.engine.list_loras())}
+        {
+            "adapters": manager.snapshot(),
+            "engine_adapters": len(await manager.engine.list_loras()),
+            "tenants": tenants,
+        }
     )
+
+
+@router.post("/tenants", responses=_ERRORS)
+async def tenants(body: TenantRequest, request: Request) -> TenantInfo:
+    """A tenant's weight and cap at run time (admin)."""
+    manager = manager_of(request)
+    cap = body.max_in_flight if "max_in_flight" in body.model_fields_set else False
+    manager.configure_tenant(body.tenant, body.weight, cap)
+    info = manager.tenants().get(body.tenant)
+    if info is None:  # not seen yet: its settings wait for it
+        weight, limit = manager.gate.share.settings(body.tenant)
+        info = {"weight": weight, "max_in_flight": limit}
+    return TenantInfo(tenant=body.tenant, **info)
 
 
 @router.get("/state", responses=_ERRORS)

@@ -1,0 +1,163 @@
+"""The fair share in the gate, on the faithful fake engine (vLLM's own request path):
+a light tenant's request reaches the engine before a flooding tenant's backlog; weights
+and caps hold; held, aborted and disconnected requests give their share back; a
+continuation keeps its place; the base model is a tenant too."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from fakes import FakeEngine, write_adapter
+from vllm.lora.request import LoRARequest
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.server.gate import BASE_TENANT
+from vllm_lora_ext.server.manager import LoraManager
+
+_made: list[tuple[LoraManager, FakeEngine]] = []
+
+
+@pytest.fixture(autouse=True)
+async def _cleanup():
+    yield
+    while _made:
+        m, engine = _made.pop()
+        await m.shutdown()
+        engine.shutdown()
+
+
+async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]:
+    engine = FakeEngine(manual=True, tokens_per_request=4)
+    engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=seqs)
+    config = LoraExtConfig(
+        **{"hold_timeout_s": 2, "drain_timeout_s": 1, "fair_share_headroom": 0, **cfg}
+    )
+    manager = LoraManager(engine, config)
+    manager.install()
+    _made.append((manager, engine))
+    for name in ("A", "B"):
+        await manager.load(name, str(write_adapter(tmp_path / name)))
+    return manager, engine
+
+
+def start(engine, rid: str, name: str | None, n: int = 1) -> asyncio.Task:
+    params = SamplingParams(max_tokens=100, n=n, output_kind=RequestOutputKind.FINAL_ONLY)
+    lora = LoRARequest(name, 1, "/alias") if name else None
+
+    async def go():
+        return [o async for o in engine.generate("p", params, rid, lora_request=lora)]
+
+    return asyncio.create_task(go())
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def step_until(engine, cond, steps: int = 200) -> None:
+    for _ in range(steps):
+        await settle()
+        if cond():
+            return
+        engine.step()
+    raise AssertionError("never happened")
+
+
+async def test_a_light_tenant_goes_before_a_flooding_tenants_backlog(tmp_path):
+    manager, engine = await make(tmp_path)
+    flood = [start(engine, f"a{i}", "A") for i in range(8)]
+    await settle()
+    assert engine.engine_core.admitted == ["a0", "a1"]  # the batch, no more
+    light = start(engine, "b0", "B")
+    await settle()
+    await step_until(engine, lambda: "b0" in engine.engine_core.admitted)
+    order = engine.engine_core.admitted
+    assert order.index("b0") == 2, order  # next free slot: B, before A's six queued
+    await step_until(engine, lambda: all(t.done() for t in [*flood, light]))
+    assert manager.gate.share.running == 0 and manager.gate.share.queued("A") == 0
+
+
+async def test_weights_and_caps(tmp_path):
+    manager, engine = await make(tmp_path, seqs=2, tenant_weights={"A": 3.0})
+    tasks = [start(engine, f"a{i}", "A") for i in range(30)]
+    tasks += [start(engine, f"b{i}", "B") for i in range(30)]
+    await step_until(engine, lambda: len(engine.engine_core.admitted) >= 40)
+    first = engine.engine_core.admitted[:40]
+    a = sum(1 for r in first if r.startswith("a"))
+    assert 27 <= a <= 33, first  # weight 3:1 (B's lift makes the start even)
+    manager.configure_tenant("A", max_in_flight=1)
+    share = manager.gate.share
+    for _ in range(3000):  # every step: at most one A in the engine once it drains
+        await settle()
+        if all(t.done() for t in tasks):
+            break
+        before = share.tenants["A"].running
+        engine.step()
+        assert share.tenants["A"].running <= max(1, before)
+    assert all(t.done() for t in tasks)
+    assert len({r for r in engine.engine_core.requests}) == 0
+    # a cap, listed with the weights
+    tenants = manager.tenants()
+    assert tenants["A"]["max_in_flight"] == 1 and tenants["A"]["weight"] == 3.0
+    assert tenants["A"]["service_tokens"] > 0
+
+
+async def test_held_aborted_and_disconnected_requests_give_their_share_back(tmp_path):
+    manager, engine = await make(tmp_path)
+    await manager.pause("B", "keep", None)
+    held = start(engine, "b-held", "B")  # held by the pause: takes no share
+    flood = [start(engine, f"a{i}", "A") for i in range(4)]
+    await settle()
+    assert engine.engine_core.admitted == ["a0", "a1"]
+    waiting = start(engine, "b-wait", None)  # the base model, waiting for its share
+    gone = start(engine, "a-gone", "A")
+    await settle()
+    assert manager.gate.share.queued(BASE_TENANT) == 1
+    gone.cancel()  # a disconnect while waiting
+    await settle()
+    assert manager.gate.share.queued("A") == 2
+    manager.resume("B")
+    await settle()
+    aborted = await manager.abort("B")  # the resumed b-held now waits for its share
+    assert aborted == 1
+    outs = await asyncio.wait_for(held, 2)
+    assert outs[-1].outputs[0].finish_reason == "abort"
+    await step_until(engine, lambda: all(t.done() for t in [*flood, waiting]))
+    share = manager.gate.share
+    assert share.running == 0 and all(share.queued(t) == 0 for t in share.tenants)
+
+
+async def test_a_continuation_keeps_its_place(tmp_path):
+    """A keep-stopped request gives its slot back while paused, and on resume goes ahead
+    of its tenant's newer requests, not behind them."""
+    manager, engine = await make(tmp_path, seqs=1)
+    first = start(engine, "a-first", "A")
+    await settle()
+    engine.step()
+    await manager.pause("A", "keep", None)
+    await settle()
+    b = start(engine, "b0", "B")  # takes the slot a-first gave back
+    await settle()
+    newer = [start(engine, f"a{i}", "A") for i in range(3)]  # held by the pause
+    await settle()
+    manager.resume("A")
+    await settle()
+    assert manager.gate.share.queued("A") == 4
+    await step_until(engine, lambda: engine.engine_core.admitted.count("a-first") == 2)
+    admitted = engine.engine_core.admitted
+    assert admitted == ["a-first", "b0", "a-first"], admitted
+    await step_until(engine, lambda: all(t.done() for t in [first, b, *newer]), steps=500)
+    assert len((await first)[-1].outputs[0].token_ids) == 4
+
+
+async def test_fair_share_off_is_first_come_first_served(tmp_path):
+    manager, engine = await make(tmp_path, fair_share=False)
+    assert manager.gate.share is None
+    tasks = [start(engine, f"a{i}", "A") for i in range(5)]
+    await settle()
+    assert len(engine.engine_core.admitted) == 5
+    await step_until(engine, lambda: all(t.done() for t in tasks))

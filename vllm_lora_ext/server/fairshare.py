@@ -1,0 +1,202 @@
+"""A fair share of the engine per tenant (adapter name; the base model is one too): the
+Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language Models"
+(OSDI 2024), applied at admission.
+
+vLLM schedules first-come first-served: a tenant's burst of thousands of requests makes
+every other tenant wait behind all of it. Here the engine is given at most ``capacity``
+sequences (its own batch, plus a little headroom so it never idles between a finish and
+the next admission); the rest wait in one queue per tenant, and when room frees the
+backlogged tenant that received the least weighted service (prompt and generated tokens,
+divided by its ``weight``) goes next (ties: the one with fewer running, so a tenant lifted
+level with a flooding one goes first). Work-conserving: a tenant alone gets every slot. A
+tenant that becomes backlogged is lifted to the least counter of the backlogged ones, so
+idle time is not banked as credit (VTC's rule); an idle one that comes back is also
+lowered to it (no debt from long ago). ``max_in_flight`` caps a tenant's slots.
+
+Pure and synchronous: the gate awaits grants; everything here is unit-testable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's claim on ``slots`` engine sequences (its ``n``)."""
+
+    tenant: str
+    slots: int = 1
+    granted: bool = False
+    done: bool = False  # released or cancelled
+    front: bool = False  # a continuation: ahead of its tenant's new requests
+    priority: int = 0  # vLLM's: lower goes first, within the tenant
+
+
+@dataclass
+class Tenant:
+    name: str
+    weight: float = 1.0
+    max_in_flight: int | None = None
+    service: float = 0.0  # tokens / weight: the virtual token counter
+    tokens: int = 0  # tokens received (prompt + generated)
+    running: int = 0  # slots held
+    queue: deque[Ticket] = field(default_factory=deque)
+    order: int = 0  # ties: the tenant seen first
+
+    def eligible(self) -> bool:
+        if not self.queue:
+            return False
+        cap = self.max_in_flight
+        return cap is None or self.running == 0 or self.running + self.queue[0].slots <= cap
+
+
+class FairShare:
+    def __init__(
+        self,
+        capacity: int,
+        weights: dict[str, float] | None = None,
+        caps: dict[str, int] | None = None,
+        max_tenants: int = 4096,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.running = 0
+        self.tenants: dict[str, Tenant] = {}
+        self.max_tenants = max_tenants
+        self._weights = dict(weights or {})
+        self._caps = dict(caps or {})
+        self._order = itertools.count()
+
+    # ---- settings -----------------------------------------------------------------------
+    def configure(
+        self, name: str, weight: float | None = None, max_in_flight: int | bool | None = False
+    ) -> list[Ticket]:
+        """Set a tenant's weight and/or cap (``max_in_flight=None`` lifts the cap; the
+        default ``False`` leaves it); returns the tickets granted by the change."""
+        if weight is not None:
+            if weight <= 0:
+                raise ValueError("weight must be > 0")
+            self._weights[name] = weight
+        if max_in_flight is not False:
+            if max_in_flight is not None and max_in_flight < 1:
+                raise ValueError("max_in_flight must be >= 1")
+            if max_in_flight is None:
+                self._caps.pop(name, None)
+            else:
+                self._caps[name] = int(max_in_flight)
+        t = self.tenants.get(name)
+        if t is not None:
+            t.weight = self._weights.get(name, 1.0)
+            t.max_in_flight = self._caps.get(name)
+        return self._schedule()
+
+    def settings(self, name: str) -> tuple[float, int | None]:
+        return self._weights.get(name, 1.0), self._caps.get(name)
+
+    # ---- requests -----------------------------------------------------------------------
+    def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:
+        """Queue ``ticket`` (``front``: a continuation keeps its place in its tenant's
+        queue); returns every ticket granted now (maybe this one)."""
+        t = self._tenant(ticket.tenant)
+        if not t.queue:
+            backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
+            if backlogged:
+                # VTC's lift: no credit for the time it asked for nothing. An idle tenant
+                # also carries no debt from long ago: it starts level with the least
+                # served backlogged tenant (else B waits for A to catch up on B's past).
+                floor = min(backlogged)
+                t.service = floor if t.running == 0 else max(t.service, floor)
+        ticket.front = front
+        # Continuations first, then by priority, then in arrival order.
+        key = (not front, ticket.priority)
+        at = next(
+            (i for i, q in enumerate(t.queue) if (not q.front, q.priority) > key), len(t.queue)
+        )
+        t.queue.insert(at, ticket)
+        return self._schedule()
+
+    def release(self, ticket: Ticket) -> list[Ticket]:
+        """The request ended (or stopped between segments): its slots free, or it leaves
+        the queue; returns the tickets granted by the room made."""
+        if ticket.done:
+            return []
+        ticket.done = True
+        t = self.tenants.get(ticket.tenant)
+        if t is None:
+            return []
+        if ticket.granted:
+            t.running -= ticket.slots
+            self.running -= ticket.slots
+        else:
+            try:
+                t.queue.remove(ticket)
+            except ValueError:
+                pass
+        self._forget_idle(t)
+        return self._schedule()
+
+    def forget(self, name: str) -> None:
+        """A name that is gone: its counter goes (settings set for it stay); nothing
+        of it may be running or queued."""
+        t = self.tenants.get(name)
+        if t is not None and not t.queue and t.running == 0:
+            del self.tenants[name]
+
+    def charge(self, tenant: str, tokens: int) -> None:
+        """Service received: prompt tokens once, generated tokens as they come."""
+        t = self.tenants.get(tenant)
+        if t is not None and tokens > 0:
+            t.tokens += tokens
+            t.service += tokens / t.weight
+
+    # ---- views ----------------------------------------------------------------------------
+    def queued(self, tenant: str) -> int:
+        t = self.tenants.get(tenant)
+        return len(t.queue) if t is not None else 0
+
+    def snapshot(self) -> dict[str, dict]:
+        return {
+            name: {
+                "weight": t.weight,
+                "max_in_flight": t.max_in_flight,
+                "running": t.running,
+                "queued": len(t.queue),
+                "service_tokens": t.tokens,
+            }
+            for name, t in self.tenants.items()
+        }
+
+    # ---- the choice ---------------------------------------------------------------------
+    def _tenant(self, name: str) -> Tenant:
+        t = self.tenants.get(name)
+        if t is None:
+            weight, cap = self.settings(name)
+            t = self.tenants[name] = Tenant(name, weight, cap, order=next(self._order))
+        return t
+
+    def _forget_idle(self, t: Tenant) -> None:
+        """Bounded state: an idle tenant's counter is dropped once many exist (one that
+        comes back is lifted when it is backlogged, as any idle tenant is)."""
+        if len(self.tenants) > self.max_tenants and not t.queue and t.running == 0:
+            del self.tenants[t.name]
+
+    def _schedule(self) -> list[Ticket]:
+        granted: list[Ticket] = []
+        while self.running < self.capacity:
+            candidates = [t for t in self.tenants.values() if t.eligible()]
+            if not candidates:
+                break
+            pick = min(candidates, key=lambda t: (t.service, t.running, t.order))
+            ticket = pick.queue[0]
+            if self.running > 0 and self.running + ticket.slots > self.capacity:
+                break  # a wide request (n) waits for room rather than overfilling
+            pick.queue.popleft()
+            ticket.granted = True
+            pick.running += ticket.slots
+            self.running += ticket.slots
+            granted.append(ticket)
+        return granted
