@@ -42,25 +42,31 @@ class FleetIntent(BaseModel):
     revision: int = 0
     window: int = 1  # versions below the current one every replica keeps (max_off_policy)
     names: dict[str, NameIntent] = Field(default_factory=dict)
-    unloaded: list[str] = Field(default_factory=list)  # tombstones, oldest first
+    # Tombstones, oldest first: an unloaded name and its last version (a reloaded name
+    # continues its numbering, as the servers do).
+    unloaded: dict[str, int] = Field(default_factory=dict)
 
     # ---- recording intent (each returns a new record) -------------------------------------
     def next_version(self, name: str) -> int:
         entry = self.names.get(name)
-        return entry.current + 1 if entry is not None else 1
+        return entry.current + 1 if entry is not None else self.unloaded.get(name, 0) + 1
 
     def load(self, name: str, path: str, version: int, pin: bool = False) -> FleetIntent:
         out = self.model_copy(deep=True)
         entry = out.names.get(name)
         if entry is not None and version < entry.current:
             raise ValueError(f"version {version} of '{name}' is older than {entry.current}")
+        if entry is None and version <= self.unloaded.get(name, 0):
+            raise ValueError(
+                f"version {version} of '{name}' is older than its last, {self.unloaded[name]}"
+            )
         if entry is None:
             entry = out.names[name] = NameIntent(current=version)
         entry.current = version
         entry.versions[version] = VersionIntent(path=path, pinned=pin)
         if version in entry.unloaded_versions:
             entry.unloaded_versions.remove(version)
-        out.unloaded = [n for n in out.unloaded if n != name]
+        out.unloaded.pop(name, None)
         out._prune(name)
         out.revision += 1
         return out
@@ -88,8 +94,10 @@ class FleetIntent(BaseModel):
         entry = out._entry(name)
         if version is None:
             del out.names[name]
-            kept = [n for n in out.unloaded if n != name][-(TOMBSTONES - 1) :]
-            out.unloaded = [*kept, name]
+            out.unloaded.pop(name, None)
+            out.unloaded[name] = entry.current
+            while len(out.unloaded) > TOMBSTONES:
+                out.unloaded.pop(next(iter(out.unloaded)))
         else:
             if version == entry.current:
                 raise ValueError(f"version {version} is the current version of '{name}'")

@@ -315,7 +315,7 @@ class Supervisor:
         """A name no controller recorded but the replicas serve (given at start with
         ``--lora-modules``): recorded as the first listed replica serves it."""
         intent = self.record.intent
-        if name in intent.names:
+        if name in intent.names or name in intent.unloaded:  # known, or unloaded on purpose
             return
         for slot in [s for _, s in sorted(self.slots.items()) if s.listed and s.url]:
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from exploration import SEED, announce, examples
-from hypothesis import given, seed, settings
+from hypothesis import example, given, seed, settings
 from hypothesis import strategies as st
 
 from ray_actors.fleet import FleetIntent, plan, unreachable
@@ -94,6 +94,23 @@ def record(intent: FleetIntent, step: tuple) -> FleetIntent:
         return intent
 
 
+@example(  # found in CI: a pause planned after the name's load failed in that check
+    window=0,
+    history=[("load", "meow", False), ("pause", "meow", "keep")],
+    seen=[False, False],
+    failures=[True],
+)
+@example(  # found in CI: a replica missed an unload, then the name was loaded again
+    window=0,
+    history=[
+        ("load", "woof", False),
+        ("load", "woof", False),
+        ("unload", "woof", False),
+        ("load", "woof", False),
+    ],
+    seen=[True, True, False, True],
+    failures=[],
+)
 @seed(SEED)
 @settings(max_examples=examples(local=600, ci=3000), deadline=None, derandomize=False)
 @given(
@@ -117,10 +134,15 @@ def _converges(window, history, seen, failures):
                 replica.apply(route, body)
     flaky = iter(failures)
     for _check in range(3):
+        skipped = False
         for route, body in plan(intent, replica.adapters()):
             if next(flaky, False):
+                skipped = True
                 continue  # this call failed: the next check plans it again
-            assert replica.apply(route, body) == 200, (route, body, replica.names)
+            status = replica.apply(route, body)
+            # A call after a failed one may fail as its consequence (a pause of a name
+            # whose load failed): the reconcile reports it and the next check retries.
+            assert status == 200 or skipped, (route, body, replica.names)
     for route, body in plan(intent, replica.adapters()):
         assert replica.apply(route, body) == 200, (route, body)
     assert plan(intent, replica.adapters()) == []
