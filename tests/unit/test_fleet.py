@@ -112,7 +112,7 @@ def record(intent: FleetIntent, step: tuple) -> FleetIntent:
     failures=[],
 )
 @seed(SEED)
-@settings(max_examples=examples(local=600, ci=3000), deadline=None, derandomize=False)
+@settings(max_examples=examples(local=600, ci=600), deadline=None, derandomize=False)
 @given(
     window=st.integers(0, 2),
     history=st.lists(op, max_size=25),
