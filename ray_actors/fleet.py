@@ -170,9 +170,11 @@ def plan(desired: FleetIntent, actual: Adapters) -> list[Call]:
         have = actual.get(name)
         resident = _resident(have)
         newest = max(resident, default=0)
-        for n in want.unloaded_versions:
-            if n in resident and have is not None and n != have.get("version"):
-                calls.append(("unload_lora_adapter", {"lora_name": name, "version": n}))
+        serving = (have or {}).get("version")
+        stale = [n for n in want.unloaded_versions if n in resident]
+        # Unloads first (they free slots), except the replica's current version: it can
+        # go only once a load below has moved the current past it.
+        calls += [_unload_version(name, n) for n in stale if n != serving]
         for n in desired.retained(name):
             v = want.versions[n]
             if n in resident:
@@ -184,12 +186,18 @@ def plan(desired: FleetIntent, actual: Adapters) -> list[Call]:
             body = {"lora_name": name, "lora_path": v.path, "version": n, "pin": v.pinned}
             calls.append(("load_lora_adapter", body))
             newest = n
+        if serving in stale and newest > serving:
+            calls.append(_unload_version(name, serving))
         paused = (have or {}).get("paused") and (have or {}).get("pause_mode")
         if want.paused is not None and paused != want.paused:
             calls.append(("pause", {"lora_name": name, "mode": want.paused}))
         elif want.paused is None and paused:
             calls.append(("resume", {"lora_name": name}))
     return calls
+
+
+def _unload_version(name: str, version: int) -> Call:
+    return ("unload_lora_adapter", {"lora_name": name, "version": version})
 
 
 def unreachable(desired: FleetIntent, actual: Adapters) -> list[str]:

@@ -111,8 +111,15 @@ def record(intent: FleetIntent, step: tuple) -> FleetIntent:
     seen=[True, True, False, True],
     failures=[],
 )
+@example(  # found in CI: an unloaded older version was the current one of a replica
+    # that missed the newer load, and that load failed in every check
+    window=1,
+    history=[("load", "woof", False), ("load", "woof", False), ("unload", "woof", True)],
+    seen=[True, False, False],
+    failures=[True, True, True],
+)
 @seed(SEED)
-@settings(max_examples=examples(local=600, ci=600), deadline=None, derandomize=False)
+@settings(max_examples=examples(local=600, ci=3000), deadline=None, derandomize=False)
 @given(
     window=st.integers(0, 2),
     history=st.lists(op, max_size=25),
