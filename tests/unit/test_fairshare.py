@@ -17,6 +17,7 @@ from vllm_lora_ext.server.fairshare import FairShare, Ticket
 def check_invariants(fs: FairShare, live: list[Ticket]) -> None:
     granted = [t for t in live if t.granted and not t.done]
     assert fs.running == sum(t.slots for t in granted)
+    assert fs.waiting == sum(len(t.queue) for t in fs.tenants.values())
     for name, tenant in fs.tenants.items():
         mine = [t for t in granted if t.tenant == name]
         assert tenant.running == sum(t.slots for t in mine)

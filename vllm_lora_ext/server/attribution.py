@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_lora_ext.server.continuation import Sample, Span
 
 VERSION_HEADER = "x-lora-version"
+_VERSION_KEY = VERSION_HEADER.encode()
 ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"})
 
 
@@ -36,9 +38,6 @@ ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/infer
 class _Record:
     admitted: int
     samples: Sequence[Sample]
-
-    def per_sample(self) -> list[list[Span]]:
-        return [list(s.spans) for s in self.samples]
 
 
 class SpanBook:
@@ -48,6 +47,9 @@ class SpanBook:
 
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
+        # response id -> (records seen when resolved, its samples in choice order,
+        # admitted version): resolved once per response, not per streamed chunk.
+        self._resolved: dict[str, tuple[int, list[Sample], int]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -66,16 +68,28 @@ class SpanBook:
             i += 1
         return ids
 
-    def admitted(self, response_id: str) -> int | None:
-        ids = self._ids(response_id)
-        return self._records[ids[0]].admitted if ids else None
-
-    def choices(self, response_id: str) -> list[list[Span]] | None:
-        """Spans per choice index, or None if the response is not ours."""
+    def lookup(self, response_id: str) -> tuple[list[Sample], int] | None:
+        """The response's samples in choice order (live: their spans grow) and the
+        version it was admitted on; None if the response is not ours."""
+        known = self._resolved.get(response_id)
+        if known is not None and known[0] == len(self._records):
+            return known[1], known[2]
         ids = self._ids(response_id)
         if not ids:
             return None
-        return [spans for rid in ids for spans in self._records[rid].per_sample()]
+        samples = [s for rid in ids for s in self._records[rid].samples]
+        admitted = self._records[ids[0]].admitted
+        self._resolved[response_id] = (len(self._records), samples, admitted)
+        return samples, admitted
+
+    def admitted(self, response_id: str) -> int | None:
+        found = self.lookup(response_id)
+        return found[1] if found is not None else None
+
+    def choices(self, response_id: str) -> list[list[Span]] | None:
+        """Spans per choice index (a copy), or None if the response is not ours."""
+        found = self.lookup(response_id)
+        return [list(s.spans) for s in found[0]] if found is not None else None
 
 
 _BOOK: ContextVar[SpanBook | None] = ContextVar("lora_ext_span_book", default=None)
@@ -126,21 +140,64 @@ def annotate(body: dict[str, Any], book: SpanBook) -> int | None:
     return final_version(per_choice, admitted)
 
 
+# vLLM's own serialization of one response or chunk with a single choice (pydantic's
+# compact JSON, the id first): the spans are spliced in after the choice's index,
+# without parsing and re-encoding the body (per streamed token, that was most of our
+# cost on the request path). Anything else takes the parsing path.
+_ID = re.compile(rb'\{"id":"([^"\\]+)"')
+_CHOICE = re.compile(rb'"choices":\[\{"index":(\d+)')
+_INDEX_KEY = b'"index":'
+_SPAN = b'{"version":%d,"start":%d,"end":%d}'
+
+
+def _splice(
+    raw: bytes, book: SpanBook, want_version: bool = True
+) -> tuple[bytes, int | None, str | None] | None:
+    """(annotated body, final version, response id) for a body of vLLM's shape with at
+    most one choice; None when the parsing path must decide. A ``"index":`` outside a
+    string is always a key (a quote inside a JSON string is escaped), so one occurrence
+    means one object with an index: the only choice. ``want_version=False`` (a stream
+    chunk: its header left with the first one) skips working out the final version."""
+    head = _ID.match(raw)
+    if head is None:
+        return None
+    rid = head.group(1).decode()
+    keys = raw.count(_INDEX_KEY)
+    choice = _CHOICE.search(raw) if keys == 1 else None
+    if keys > 1 or (keys == 1 and choice is None):
+        return None
+    found = book.lookup(rid)
+    if found is None:
+        return raw, None, rid
+    samples, admitted = found
+    version = _final(samples, admitted) if want_version else None
+    index = int(choice.group(1)) if choice is not None else len(samples)
+    if index >= len(samples):  # no choice (a usage chunk), or not one of ours
+        return raw, version, rid
+    spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in samples[index].spans])
+    at = choice.end()
+    return b"".join((raw[:at], b',"lora_versions":[', spans, b"]", raw[at:])), version, rid
+
+
+def _final(samples: list[Sample], admitted: int) -> int:
+    return final_version([s.spans for s in samples], admitted)
+
+
 def _response_id(body: dict[str, Any]) -> Any:
     """OpenAI responses name it ``id``; vLLM's token-in/token-out ``request_id``."""
     return body.get("id") or body.get("request_id")
 
 
-def _header(message: Message, name: str) -> str | None:
-    for key, value in message.get("headers", []):
-        if key.decode("latin-1").lower() == name:
-            return value.decode("latin-1")
+def _header(message: Message, name: bytes) -> bytes | None:
+    for key, value in message.get("headers", ()):
+        if key.lower() == name:
+            return value
     return None
 
 
-def _set_header(message: Message, name: str, value: str) -> None:
-    headers = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() != name]
-    headers.append((name.encode("latin-1"), value.encode("latin-1")))
+def _set_header(message: Message, name: bytes, value: str) -> None:
+    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != name]
+    headers.append((name, value.encode("latin-1")))
     message["headers"] = headers
 
 
@@ -154,8 +211,12 @@ class AttributionMiddleware:
         if not _annotated(scope):
             await self.app(scope, receive, send)
             return
-        with recording() as book:
+        book = SpanBook()
+        token = _BOOK.set(book)  # as recording() does, without a generator per request
+        try:
             await self.app(scope, receive, _Annotating(book, send).send)
+        finally:
+            _BOOK.reset(token)
 
 
 class _Annotating:
@@ -191,16 +252,25 @@ class _Annotating:
         self.chunks.append(message.get("body", b""))
         if message.get("more_body", False):
             return
-        out, version = _annotate_json(b"".join(self.chunks), self.book)
+        out, version, _ = annotate_body(b"".join(self.chunks), self.book)
         assert self.start is not None
         if version is not None:
-            _set_header(self.start, VERSION_HEADER, str(version))
-        _set_header(self.start, "content-length", str(len(out)))
+            _set_header(self.start, _VERSION_KEY, str(version))
+        _set_header(self.start, b"content-length", str(len(out)))
         await self._send(self.start)
         await self._send({"type": "http.response.body", "body": out, "more_body": False})
 
     async def _sse(self, message: Message) -> None:
-        events = (self.tail + message.get("body", b"")).split(b"\n\n")
+        body = message.get("body", b"")
+        if not self.tail and self.start is None and body.endswith(b"\n\n"):
+            if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
+                event = body[:-2]
+                out = self._event(event)
+                if out is not event:
+                    message = {**message, "body": out + b"\n\n"}
+                await self._send(message)
+                return
+        events = (self.tail + body).split(b"\n\n")
         self.tail = events.pop()
         out = [self._event(e) + b"\n\n" for e in events]
         more = message.get("more_body", False)
@@ -212,35 +282,28 @@ class _Annotating:
         if self.start is not None:
             admitted = self.book.admitted(self.response_id) if self.response_id else None
             if admitted is not None:
-                _set_header(self.start, VERSION_HEADER, str(admitted))
+                _set_header(self.start, _VERSION_KEY, str(admitted))
             await self._send(self.start)
             self.start = None
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
 
     def _event(self, event: bytes) -> bytes:
         """One whole SSE event, its choices annotated with their spans so far."""
-        text = event.decode("utf-8")
-        if not text.startswith("data: ") or text == "data: [DONE]":
-            return event
-        try:
-            body = json.loads(text[6:])
-        except ValueError:
-            return event
-        if not isinstance(body, dict):
-            return event
-        self.response_id = self.response_id or _response_id(body)
-        if annotate(body, self.book) is None:
-            return event
-        return ("data: " + json.dumps(body, separators=(",", ":"))).encode("utf-8")
+        if not event.startswith(b"data: {"):
+            return event  # [DONE], a comment, an empty event
+        body = event[6:]
+        out, _, rid = annotate_body(body, self.book, want_version=False)
+        self.response_id = self.response_id or rid
+        return event if out is body else b"data: " + out
 
 
 def _mode(start: Message) -> str:
     if start.get("status") != 200:
         return "pass"
-    ctype = _header(start, "content-type") or ""
-    if ctype.startswith("application/json"):
+    ctype = _header(start, b"content-type") or b""
+    if ctype.startswith(b"application/json"):
         return "json"
-    if ctype.startswith("text/event-stream"):
+    if ctype.startswith(b"text/event-stream"):
         return "sse"
     return "pass"
 
@@ -253,14 +316,26 @@ def _annotated(scope: Scope) -> bool:
     )
 
 
-def _annotate_json(raw: bytes, book: SpanBook) -> tuple[bytes, int | None]:
+def annotate_body(
+    raw: bytes, book: SpanBook, want_version: bool = True
+) -> tuple[bytes, int | None, str | None]:
+    """(the body with its choices' spans, the final version or None, the response id)
+    of one JSON response or stream chunk; the body itself when it is not ours."""
+    spliced = _splice(raw, book, want_version)
+    return spliced if spliced is not None else reencode(raw, book)
+
+
+def reencode(raw: bytes, book: SpanBook) -> tuple[bytes, int | None, str | None]:
+    """:func:`annotate_body` by parsing and re-encoding: any shape."""
     try:
         body = json.loads(raw)
     except ValueError:
-        return raw, None
+        return raw, None, None
     if not isinstance(body, dict):
-        return raw, None
+        return raw, None, None
+    rid = _response_id(body)
     version = annotate(body, book)
     if version is None:
-        return raw, None
-    return json.dumps(body, separators=(",", ":")).encode("utf-8"), version
+        return raw, None, rid if isinstance(rid, str) else None
+    out = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return out, version, rid if isinstance(rid, str) else None

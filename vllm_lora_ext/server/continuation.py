@@ -9,6 +9,7 @@ response whose tokens, text and logprobs are the concatenation, in whatever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -98,8 +99,13 @@ class Stitcher:
         self.num_cached_tokens: int | None = None
         self.first: RequestOutput | None = None
         self._emitted = False
-        # Not continued exactly (stop strings, penalties, grammars...): ends partial.
-        self.not_continuable = continuable.of_params(params)
+        self._params = params
+
+    @functools.cached_property
+    def not_continuable(self) -> str | None:
+        """Why this request is not continued exactly (stop strings, penalties,
+        grammars...): it then ends partial. Asked only when a segment is stopped."""
+        return continuable.of_params(self._params)
 
     # ---- segments -----------------------------------------------------------------
     def start_segment(self, indices: list[int]) -> None:
@@ -149,15 +155,16 @@ class Stitcher:
             self.prompt_token_ids = list(out.prompt_token_ids or []) or None
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
-        shown: list[CompletionOutput | None] = []
+        seen: list[tuple[Sample, CompletionOutput, list[int]]] = []
         rewritten = False  # a finish reason the caller must see differently
+        delta = self.kind == RequestOutputKind.DELTA
         for c in out.outputs:
             s = self.samples[c.index if index is None else index]
             before = len(s.token_ids)
-            new_ids = list(c.token_ids)
+            new_ids = c.token_ids  # only read (a delta view shows the engine's own list)
             if c.logprobs is not None and s.logprobs is None:
                 s.logprobs = []
-            if self.kind == RequestOutputKind.DELTA:
+            if delta:
                 s.token_ids.extend(new_ids)
                 s.text += c.text
                 if c.logprobs is not None:
@@ -184,12 +191,13 @@ class Stitcher:
                     s.finish_reason = None
             else:
                 s.finish_reason = c.finish_reason
-            shown.append(self._view(s, c, new_ids))
+            seen.append((s, c, new_ids))
         if index is None and not rewritten and not any(s.interrupted for s in self.samples):
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).
             self._emitted = True
             return out
+        shown = [self._view(s, c, new_ids) for s, c, new_ids in seen]
         return self._emit([c for c in shown if c is not None])
 
     def give_up(self) -> RequestOutput | None:
@@ -213,7 +221,7 @@ class Stitcher:
         if self.kind == RequestOutputKind.DELTA:
             if s.interrupted and not new_ids:
                 return None
-            return self._completion(s, token_ids=new_ids, text=c.text, logprobs=c.logprobs)
+            return self._completion(s, token_ids=list(new_ids), text=c.text, logprobs=c.logprobs)
         return self._completion(s)
 
     def _completion(self, s: Sample, **delta) -> CompletionOutput:

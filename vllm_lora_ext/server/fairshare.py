@@ -65,6 +65,7 @@ class FairShare:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self.running = 0
+        self.waiting = 0  # queued tickets, every tenant (nothing queued: nothing to choose)
         self.tenants: dict[str, Tenant] = {}
         self.max_tenants = max_tenants
         self._weights = dict(weights or {})
@@ -102,7 +103,7 @@ class FairShare:
         """Queue ``ticket`` (``front``: a continuation keeps its place in its tenant's
         queue); returns every ticket granted now (maybe this one)."""
         t = self._tenant(ticket.tenant)
-        if not t.queue:
+        if not t.queue and self.waiting:
             backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
             if backlogged:
                 # VTC's lift: no credit for the time it asked for nothing. An idle tenant
@@ -117,6 +118,7 @@ class FairShare:
             (i for i, q in enumerate(t.queue) if (not q.front, q.priority) > key), len(t.queue)
         )
         t.queue.insert(at, ticket)
+        self.waiting += 1
         return self._schedule()
 
     def release(self, ticket: Ticket) -> list[Ticket]:
@@ -134,6 +136,7 @@ class FairShare:
         else:
             try:
                 t.queue.remove(ticket)
+                self.waiting -= 1
             except ValueError:
                 pass
         self._forget_idle(t)
@@ -186,7 +189,7 @@ class FairShare:
 
     def _schedule(self) -> list[Ticket]:
         granted: list[Ticket] = []
-        while self.running < self.capacity:
+        while self.waiting and self.running < self.capacity:
             candidates = [t for t in self.tenants.values() if t.eligible()]
             if not candidates:
                 break
@@ -195,6 +198,7 @@ class FairShare:
             if self.running > 0 and self.running + ticket.slots > self.capacity:
                 break  # a wide request (n) waits for room rather than overfilling
             pick.queue.popleft()
+            self.waiting -= 1
             ticket.granted = True
             pick.running += ticket.slots
             self.running += ticket.slots

@@ -344,13 +344,24 @@ class Gate:
                 self._give_back(ticket)
             return
         flight = await self._admit(*target, request_id)
+        # The flight's share of the engine: given back while it is stopped between
+        # segments, taken again (first in its tenant's queue) to continue.
+        claim: list[Ticket | None] = [None]
         try:
+            stitcher = Stitcher(request_id, sampling_params)
+            book = attribution.current_book()
+            if book is not None:
+                book.track(request_id, stitcher.samples, flight.version.number)
+            claim[0] = await self._take_share(
+                flight.name, sampling_params.n, flight, priority=kwargs.get("priority") or 0
+            )
             async with contextlib.aclosing(
-                self._run(flight, prompt, sampling_params, request_id, kwargs)
+                self._segments(flight, prompt, sampling_params, request_id, kwargs, stitcher, claim)
             ) as outputs:
                 async for out in outputs:
                     yield out
         finally:
+            self._give_back(claim[0])
             await self._end(flight)
 
     async def add_request(self, request_id: str, prompt: Any, params: Any, *args, **kwargs):
@@ -474,7 +485,8 @@ class Gate:
                 self._by_segment.pop(internal_id, None)
             flight.segments.clear()
             self.pulse(flight.name)
-            self._settle(flight.name)
+            if flight.version.refcount == 0 and not self.registry.serving(flight.version):
+                self._settle(flight.name)  # its version may leave now, or the name go
 
     # ---- segments -----------------------------------------------------------------
     def _link(self, seg: _Segment, internal_id: str, n: int) -> None:
@@ -526,24 +538,6 @@ class Gate:
             # stops it before the lease goes.
             await gen.aclose()
 
-    async def _run(
-        self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
-    ) -> AsyncGenerator[RequestOutput, None]:
-        stitcher = Stitcher(request_id, params)
-        book = attribution.current_book()
-        if book is not None:
-            book.track(request_id, stitcher.samples, flight.version.number)
-        priority = kwargs.get("priority") or 0
-        claim = [await self._take_share(flight.name, params.n, flight, priority=priority)]
-        try:
-            async with contextlib.aclosing(
-                self._segments(flight, prompt, params, request_id, kwargs, stitcher, claim)
-            ) as outputs:
-                async for out in outputs:
-                    yield out
-        finally:
-            self._give_back(claim[0])
-
     async def _segments(
         self,
         flight: Flight,
@@ -554,9 +548,7 @@ class Gate:
         stitcher: Stitcher,
         claim: list[Ticket | None],
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The flight's engine segments; ``claim`` holds its share of the engine, given
-        back while it is stopped between segments and taken again, first in its
-        tenant's queue, to continue."""
+        """The flight's engine segments; ``claim`` holds its share of the engine."""
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
         indices: list[int] | None = None  # None: the first segment, every sample
         while True:
@@ -579,9 +571,15 @@ class Gate:
                 ]
                 stitcher.start_segment(indices)
             meters = [_Meter(params.output_kind) for _ in gens]
-            async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
-                async for i, out in merged:
-                    self._charge(flight.name, meters[i].tokens(out))
+            share = self.share
+            # One engine request (every first segment): read directly, not merged.
+            single = len(gens) == 1
+            source = gens[0] if single else merge_async_iterators(*gens)
+            async with contextlib.aclosing(source) as merged:
+                async for item in merged:
+                    i, out = (0, item) if single else item
+                    if share is not None:
+                        share.charge(flight.name, meters[i].tokens(out))
                     seen = stitcher.absorb(
                         out,
                         None if indices is None else indices[i],

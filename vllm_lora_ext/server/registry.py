@@ -209,6 +209,17 @@ class Registry:
             and (v.unloaded or (n not in newest and not v.pinned))
         ]
 
+    def serving(self, version: Version) -> bool:
+        """Whether ``version`` is its name's live current version: it never leaves
+        while it is, so the end of a request on it evicts nothing."""
+        adapter = self._adapters.get(version.name)
+        return (
+            adapter is not None
+            and adapter.current == version.number
+            and adapter.versions.get(version.number) is version
+            and not version.unloaded
+        )
+
     def drop(self, version: Version) -> None:
         """Forget a version that leaves the engine (only an idle one)."""
         if version.refcount:

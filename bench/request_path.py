@@ -1,0 +1,250 @@
+"""The request path at stock cost: API-process CPU time per request and per streamed
+token, stock vLLM with our plugin (``VLLM_PLUGINS=lora_ext``, fair share on) over stock
+vLLM without it (``VLLM_PLUGINS=``), same engine arguments.
+
+Why it can resolve a few percent on two noisy cores:
+
+- CPU time (user + system, every thread) of the API process alone, not wall time: the
+  engine's and the client's work is not in it, and waiting is not counted;
+- both servers run at once and the rounds alternate between them (the order drawn per
+  round), so drift (thermal, page cache, the other processes) hits both alike; each round
+  gives one paired ratio, and the result is the median ratio with a bootstrap 95%
+  interval over the rounds (its width is the resolution of this run);
+- each API process is pinned to core 0, its engine's OpenMP threads and the client to
+  core 1, so the API process never shares its core with a spinning engine (``--no-pin``
+  turns this off).
+
+Usage: ``.venv/bin/python bench/request_path.py [--rounds 40] [--record bench/RESULTS.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from results import record
+from rich.console import Console
+from rich.table import Table
+
+from vllm_lora_ext.toy.assets import build_toy_assets
+from vllm_lora_ext.toy.server import (
+    ServerProcess,
+    free_port,
+    start_server,
+    stock_vllm_cmd,
+    warm_up,
+)
+
+PROMPT = "the cat says"
+MODEL = "meow"  # an adapter: the path our plugin works on
+
+
+def api_cpu_s(server: ServerProcess) -> float:
+    """The API process's CPU clock (every thread, nanosecond resolution: the clock-tick
+    counts of ``/proc`` would quantize a round's few hundred milliseconds)."""
+    return time.clock_gettime(_process_clock(server.proc.pid))
+
+
+def _process_clock(pid: int) -> int:
+    """Linux's CPU-time clock id of another process (``clock_getcpuclockid``)."""
+    return (~pid << 3) | 2
+
+
+def pin(server: ServerProcess, api_core: int, engine_core: int) -> None:
+    """The API process (each of its threads) on one core, its children on the other."""
+    proc = psutil.Process(server.proc.pid)
+    for thread in proc.threads():
+        os.sched_setaffinity(thread.id, {api_core})
+    for child in proc.children(recursive=True):
+        for thread in child.threads():
+            try:
+                os.sched_setaffinity(thread.id, {engine_core})
+            except OSError:  # a thread that ended meanwhile
+                pass
+
+
+async def batch(c: httpx.AsyncClient, n: int, concurrency: int, tokens: int, stream: bool) -> int:
+    """``n`` completions of ``tokens`` tokens, ``concurrency`` at a time; returns the
+    completion tokens received."""
+    left = iter(range(n))
+    got = 0
+
+    async def worker() -> None:
+        nonlocal got
+        body = {
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+        if stream:  # tokens counted by the server's usage (an event may carry several)
+            body["stream_options"] = {"include_usage": True}
+        for _ in left:
+            if stream:
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith('data: {"') and '"usage":{' in line:
+                            got += json.loads(line[6:])["usage"]["completion_tokens"]
+            else:
+                r = await c.post("/v1/completions", json=body)
+                r.raise_for_status()
+                got += r.json()["usage"]["completion_tokens"]
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return got
+
+
+async def measure(
+    servers: dict[str, ServerProcess], args: argparse.Namespace
+) -> dict[str, dict[str, list[float]]]:
+    """Per kind (request, token) and server: API CPU ms per unit, one value per round."""
+    out: dict[str, dict[str, list[float]]] = {
+        kind: {name: [] for name in servers} for kind in ("request", "token")
+    }
+    clients = {
+        name: httpx.AsyncClient(
+            base_url=s.url, timeout=300, limits=httpx.Limits(max_connections=args.concurrency)
+        )
+        for name, s in servers.items()
+    }
+    rng = random.Random(args.seed)
+    try:
+        for name in servers:  # warm both paths (first requests pay one-off costs)
+            await batch(clients[name], 64, args.concurrency, 1, False)
+            await batch(clients[name], 16, args.concurrency, args.stream_tokens, True)
+        for r in range(args.rounds):
+            order = list(servers)
+            rng.shuffle(order)
+            for kind, n, tokens, stream in (
+                ("request", args.requests, 1, False),
+                ("token", args.streams, args.stream_tokens, True),
+            ):
+                for name in order:
+                    before = api_cpu_s(servers[name])
+                    units = await batch(clients[name], n, args.concurrency, tokens, stream)
+                    cpu_ms = 1000 * (api_cpu_s(servers[name]) - before)
+                    out[kind][name].append(cpu_ms / (n if kind == "request" else units))
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {n} {v[-1]:.3f}" for k, d in out.items() for n, v in d.items()),
+                flush=True,
+            )
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return out
+
+
+def bootstrap_median(xs: list[float], seed: int, draws: int = 4000) -> tuple[float, float]:
+    """95% interval of the median of ``xs`` (rounds resampled with replacement)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
+def summarize(out: dict[str, dict[str, list[float]]], seed: int) -> dict[str, dict[str, float]]:
+    res = {}
+    for kind, d in out.items():
+        ratios = [o / s for o, s in zip(d["plugin"], d["stock"], strict=True)]
+        lo, hi = bootstrap_median(ratios, seed)
+        q = statistics.quantiles(ratios, n=4)
+        res[kind] = {
+            "stock": statistics.median(d["stock"]),
+            "plugin": statistics.median(d["plugin"]),
+            "stock_spread": _spread(d["stock"]),
+            "plugin_spread": _spread(d["plugin"]),
+            "ratio": statistics.median(ratios),
+            "lo": lo,
+            "hi": hi,
+            "q1": q[0],
+            "q3": q[2],
+        }
+    return res
+
+
+def _spread(xs: list[float]) -> float:
+    """(p90 - p10) / median of one server's per-round values."""
+    d = statistics.quantiles(xs, n=10)
+    return (d[-1] - d[0]) / statistics.median(xs)
+
+
+def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
+    table = Table(title="API-process CPU per request and per streamed token, plugin over stock")
+    for col in ("unit", "stock ms", "plugin ms", "plugin/stock", "95% CI", "IQR of rounds"):
+        table.add_column(col, justify="right")
+    for kind, label in (("request", "1-token request"), ("token", "streamed token")):
+        r = res[kind]
+        table.add_row(
+            label,
+            f"{r['stock']:.3f} (±{r['stock_spread'] / 2:.0%})",
+            f"{r['plugin']:.3f} (±{r['plugin_spread'] / 2:.0%})",
+            f"{r['ratio']:.3f}",
+            f"{r['lo']:.3f}-{r['hi']:.3f}",
+            f"{r['q1']:.3f}-{r['q3']:.3f}",
+        )
+    table.caption = (
+        f"{args.rounds} alternating rounds, each: {args.requests} 1-token completions and "
+        f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
+        f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
+        "round's plugin/stock (CI: bootstrap over rounds); ± = half the p10-p90 spread of "
+        f"a server's rounds. Pinned: {not args.no_pin}. Fair share on."
+    )
+    return table
+
+
+def engine_args(toy, port: int) -> list[str]:
+    cmd = stock_vllm_cmd(toy, port)
+    cmd.remove("--enable-log-requests")  # per-request logging would pad both sides alike
+    return cmd
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--stream-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--record", type=Path)
+    args = p.parse_args()
+    toy = build_toy_assets()
+    logs = Path(tempfile.mkdtemp(prefix="request_path_"))
+    env = {} if args.no_pin else {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name, plugins in (("stock", ""), ("plugin", "lora_ext")):
+            port = free_port()
+            servers[name] = start_server(
+                engine_args(toy, port), port, logs / f"{name}.log", {**env, "VLLM_PLUGINS": plugins}
+            )
+            warm_up(servers[name].url, [MODEL])
+        if not args.no_pin:
+            for s in servers.values():
+                pin(s, api_core=0, engine_core=1)
+            os.sched_setaffinity(0, {1})
+        out = asyncio.run(measure(servers, args))
+    finally:
+        for s in servers.values():
+            s.stop()
+    table = render(summarize(out, args.seed), args)
+    Console().print(table)
+    if args.record:
+        record(args.record, "request_path", table)
+
+
+if __name__ == "__main__":
+    main()
