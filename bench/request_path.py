@@ -54,6 +54,12 @@ def api_cpu_s(server: ServerProcess) -> float:
     return time.clock_gettime(_process_clock(server.proc.pid))
 
 
+def api_user_s(server: ServerProcess) -> float:
+    """User time alone (clock ticks): the system time of a loopback write includes
+    delivering it to the client (the receiver's TCP work runs in the sender's call)."""
+    return psutil.Process(server.proc.pid).cpu_times().user
+
+
 def _process_clock(pid: int) -> int:
     """Linux's CPU-time clock id of another process (``clock_getcpuclockid``)."""
     return (~pid << 3) | 2
@@ -111,7 +117,8 @@ async def measure(
 ) -> dict[str, dict[str, list[float]]]:
     """Per kind (request, token) and server: API CPU ms per unit, one value per round."""
     out: dict[str, dict[str, list[float]]] = {
-        kind: {name: [] for name in servers} for kind in ("request", "token")
+        kind: {name: [] for name in servers}
+        for kind in ("request", "token", "request (user)", "token (user)")
     }
     clients = {
         name: httpx.AsyncClient(
@@ -132,13 +139,21 @@ async def measure(
                 ("token", args.streams, args.stream_tokens, True),
             ):
                 for name in order:
-                    before = api_cpu_s(servers[name])
+                    before, user = api_cpu_s(servers[name]), api_user_s(servers[name])
                     units = await batch(clients[name], n, args.concurrency, tokens, stream)
                     cpu_ms = 1000 * (api_cpu_s(servers[name]) - before)
-                    out[kind][name].append(cpu_ms / (n if kind == "request" else units))
+                    user_ms = 1000 * (api_user_s(servers[name]) - user)
+                    per = n if kind == "request" else units
+                    out[kind][name].append(cpu_ms / per)
+                    out[f"{kind} (user)"][name].append(user_ms / per)
             print(
                 f"round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{k} {n} {v[-1]:.3f}" for k, d in out.items() for n, v in d.items()),
+                + ", ".join(
+                    f"{k} {n} {v[-1]:.3f}"
+                    for k, d in out.items()
+                    if "user" not in k
+                    for n, v in d.items()
+                ),
                 flush=True,
             )
     finally:
@@ -184,7 +199,12 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
     table = Table(title="API-process CPU per request and per streamed token, plugin over stock")
     for col in ("unit", "stock ms", "plugin ms", "plugin/stock", "95% CI", "IQR of rounds"):
         table.add_column(col, justify="right")
-    for kind, label in (("request", "1-token request"), ("token", "streamed token")):
+    for kind, label in (
+        ("request", "1-token request"),
+        ("token", "streamed token"),
+        ("request (user)", "request, user time"),
+        ("token (user)", "token, user time"),
+    ):
         r = res[kind]
         table.add_row(
             label,
@@ -199,7 +219,9 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
         f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
         f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
         "round's plugin/stock (CI: bootstrap over rounds); ± = half the p10-p90 spread of "
-        f"a server's rounds. Pinned: {not args.no_pin}. Fair share on."
+        f"a server's rounds. Pinned: {not args.no_pin}. Fair share on. User time: "
+        "without the kernel's part (on loopback a write also runs the client's TCP "
+        "receive), at clock-tick resolution."
     )
     return table
 

@@ -129,6 +129,15 @@ class LoraExtConfig(BaseSettings):
         description="Sequences admitted beyond the engine's --max-num-seqs, so it never "
         "idles between a finish and the next admission.",
     )
+    fair_share_reserve: int = Field(
+        default=1,
+        ge=0,
+        description="Sequences of the engine's batch kept for tenants with nothing "
+        "running: a tenant that arrives while others flood runs at the engine's next step "
+        "instead of waiting for a finish. Tenants already running then fill at most "
+        "--max-num-seqs minus this (the headroom is kept for arrivals too); 0: they fill "
+        "the batch and the headroom.",
+    )
     fair_share_wait_s: float = Field(
         default=3600.0,
         gt=0,

@@ -13,7 +13,8 @@ import uuid
 import httpx
 from engine_helpers import post
 
-FLOOD = 60  # above the session server's batch (32 + headroom 2)
+BATCH = 32  # the session server's --max-num-seqs
+FLOOD = 60  # above its batch (32 + headroom 2)
 
 
 def added_order(log: str, tag: str) -> list[str]:
@@ -49,8 +50,12 @@ async def test_a_light_tenant_is_admitted_before_the_floods_backlog(client, serv
                 if (await tenants(client)).get("meow", {}).get("queued", 0) >= FLOOD // 4:
                     break
                 await asyncio.sleep(0.2)
-        queued = (await tenants(client))["meow"]["queued"]
+        share = (await tenants(client))["meow"]
+        queued = share["queued"]
         assert queued >= FLOOD // 4
+        # The reserve (fair_share_reserve=1): a running tenant fills at most the batch
+        # minus one slot; the rest is for a tenant with nothing running, as B below.
+        assert share["running"] <= BATCH - 1, share
         light = asyncio.create_task(ask("woof", "b-0", 4))
         assert await asyncio.wait_for(light, 120) == 200
         order = added_order(server_proc.log.read_text(errors="replace"), tag)

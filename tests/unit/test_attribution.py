@@ -205,3 +205,6 @@ def test_the_splice_annotates_exactly_as_parsing_does(body, spans):
         assert out == raw  # not ours (or nothing to add): vLLM's bytes as they were
     if raw.count(b'"index":') <= 1:
         assert _splice(raw, book) is not None
+        # The same splice done in place on a whole SSE event, as the stream's hot path does.
+        event, _, _ = _splice(b"data: " + raw + b"\n\n", book, want_version=False, pos=6)
+        assert event == b"data: " + out + b"\n\n"

@@ -33,7 +33,13 @@ async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]
     engine = FakeEngine(manual=True, tokens_per_request=4)
     engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=seqs)
     config = LoraExtConfig(
-        **{"hold_timeout_s": 2, "drain_timeout_s": 1, "fair_share_headroom": 0, **cfg}
+        **{
+            "hold_timeout_s": 2,
+            "drain_timeout_s": 1,
+            "fair_share_headroom": 0,
+            "fair_share_reserve": 0,
+            **cfg,
+        }
     )
     manager = LoraManager(engine, config)
     manager.install()
@@ -79,6 +85,21 @@ async def test_a_light_tenant_goes_before_a_flooding_tenants_backlog(tmp_path):
     assert order.index("b0") == 2, order  # next free slot: B, before A's six queued
     await step_until(engine, lambda: all(t.done() for t in [*flood, light]))
     assert manager.gate.share.running == 0 and manager.gate.share.queued("A") == 0
+
+
+async def test_with_a_reserve_a_light_tenant_is_admitted_at_once(tmp_path):
+    """A batch of 3 with one slot reserved: the flood holds 2, B's request enters the
+    engine as it arrives (not after A's next finish), and the flood fills the batch
+    again only through the reserve's owner finishing."""
+    manager, engine = await make(tmp_path, seqs=3, fair_share_reserve=1)
+    flood = [start(engine, f"a{i}", "A") for i in range(6)]
+    await settle()
+    assert engine.engine_core.admitted == ["a0", "a1"]
+    light = start(engine, "b0", "B")
+    await settle()
+    assert engine.engine_core.admitted == ["a0", "a1", "b0"]  # no step in between
+    await step_until(engine, lambda: all(t.done() for t in [*flood, light]))
+    assert manager.gate.share.running == 0
 
 
 async def test_weights_and_caps(tmp_path):

@@ -27,21 +27,22 @@ def check_invariants(fs: FairShare, live: list[Ticket]) -> None:
     eligible = [t for t in fs.tenants.values() if t.eligible()]
     if eligible:  # work-conserving: what waits could not be admitted
         pick = min(eligible, key=lambda t: (t.service, t.running, t.order))
-        assert fs.running + pick.queue[0].slots > fs.capacity and fs.running > 0
+        assert fs.running + pick.queue[0].slots > fs.limit(pick) and fs.running > 0
 
 
 @settings(max_examples=examples(local=300), deadline=None, derandomize=False)
 @seed(SEED)
 @given(
     capacity=st.integers(1, 6),
+    reserve=st.integers(0, 2),
     weights=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=2, max_size=4),
     caps=st.lists(st.one_of(st.none(), st.integers(1, 4)), min_size=4, max_size=4),
     script=st.lists(
         st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(1, 50)), max_size=80
     ),
 )
-def _random_traffic(capacity, weights, caps, script):
-    fs = FairShare(capacity)
+def _random_traffic(capacity, reserve, weights, caps, script):
+    fs = FairShare(capacity, reserve=min(reserve, capacity - 1))
     names = [f"t{i}" for i in range(len(weights))]
     for name, w, cap in zip(names, weights, caps, strict=False):
         fs.configure(name, weight=w, max_in_flight=cap)
@@ -184,3 +185,26 @@ def test_an_idle_tenant_carries_no_debt_from_long_ago():
     assert fs.tenants["B"].service == fs.tenants["A"].service
     fs.release(flood[0])
     assert b.granted
+
+
+def test_the_reserve_lets_a_newcomer_run_at_once_beside_a_flood():
+    """A floods a batch of 8 (+2 headroom) with a reserve of 3 (the headroom and one
+    slot of the batch): A holds at most 7; B, arriving with nothing running, is admitted
+    at once; B's second request waits like A's (the reserve is for tenants with nothing
+    running)."""
+    fs = FairShare(10, reserve=3)
+    flood = [Ticket("A") for _ in range(20)]
+    for t in flood:
+        fs.submit(t)
+    assert sum(t.granted for t in flood) == 7
+    b1, b2 = Ticket("B"), Ticket("B")
+    assert fs.submit(b1) == [b1]
+    assert fs.submit(b2) == [] and not b2.granted
+    first, second = [t for t in flood if t.granted][:2]
+    fs.charge("A", 50)
+    # Running tenants share 7 slots: A's finish leaves 6 + B's 1; a second one makes room,
+    # and B, having received less, goes next.
+    assert fs.release(first) == []
+    assert fs.release(second) == [b2]
+    with pytest.raises(ValueError, match="reserve"):
+        FairShare(4, reserve=4)

@@ -151,19 +151,20 @@ _SPAN = b'{"version":%d,"start":%d,"end":%d}'
 
 
 def _splice(
-    raw: bytes, book: SpanBook, want_version: bool = True
+    raw: bytes, book: SpanBook, want_version: bool = True, pos: int = 0
 ) -> tuple[bytes, int | None, str | None] | None:
     """(annotated body, final version, response id) for a body of vLLM's shape with at
     most one choice; None when the parsing path must decide. A ``"index":`` outside a
     string is always a key (a quote inside a JSON string is escaped), so one occurrence
     means one object with an index: the only choice. ``want_version=False`` (a stream
-    chunk: its header left with the first one) skips working out the final version."""
-    head = _ID.match(raw)
+    chunk: its header left with the first one) skips working out the final version.
+    ``pos``: where the JSON starts (a whole SSE event is spliced in place)."""
+    head = _ID.match(raw, pos)
     if head is None:
         return None
     rid = head.group(1).decode()
     keys = raw.count(_INDEX_KEY)
-    choice = _CHOICE.search(raw) if keys == 1 else None
+    choice = _CHOICE.search(raw, pos) if keys == 1 else None
     if keys > 1 or (keys == 1 and choice is None):
         return None
     found = book.lookup(rid)
@@ -264,10 +265,16 @@ class _Annotating:
         body = message.get("body", b"")
         if not self.tail and self.start is None and body.endswith(b"\n\n"):
             if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
-                event = body[:-2]
-                out = self._event(event)
-                if out is not event:
-                    message = {**message, "body": out + b"\n\n"}
+                spliced = None
+                if body.startswith(b"data: {"):  # spliced in place, no copies
+                    spliced = _splice(body, self.book, want_version=False, pos=6)
+                if spliced is None:
+                    event = body[:-2]
+                    out = self._event(event)
+                    if out is not event:
+                        message = {**message, "body": out + b"\n\n"}
+                elif spliced[0] is not body:
+                    message = {**message, "body": spliced[0]}
                 await self._send(message)
                 return
         events = (self.tail + body).split(b"\n\n")

@@ -8,10 +8,16 @@ sequences (its own batch, plus a little headroom so it never idles between a fin
 the next admission); the rest wait in one queue per tenant, and when room frees the
 backlogged tenant that received the least weighted service (prompt and generated tokens,
 divided by its ``weight``) goes next (ties: the one with fewer running, so a tenant lifted
-level with a flooding one goes first). Work-conserving: a tenant alone gets every slot. A
-tenant that becomes backlogged is lifted to the least counter of the backlogged ones, so
-idle time is not banked as credit (VTC's rule); an idle one that comes back is also
-lowered to it (no debt from long ago). ``max_in_flight`` caps a tenant's slots.
+level with a flooding one goes first). Work-conserving (but for ``reserve``, below): a
+tenant alone gets every slot. A tenant that becomes backlogged is lifted to the least
+counter of the backlogged ones, so idle time is not banked as credit (VTC's rule); an idle
+one that comes back is also lowered to it (no debt from long ago). ``max_in_flight`` caps
+a tenant's slots.
+
+A flood keeps the engine's batch full, so even a tenant picked first waits for a finish
+(a whole long generation) before it runs. ``reserve`` keeps the top slots of ``capacity``
+for tenants with nothing running: tenants already running fill at most ``capacity -
+reserve``, and one that arrives is admitted at once and runs at the engine's next step.
 
 Pure and synchronous: the gate awaits grants; everything here is unit-testable.
 """
@@ -60,10 +66,14 @@ class FairShare:
         weights: dict[str, float] | None = None,
         caps: dict[str, int] | None = None,
         max_tenants: int = 4096,
+        reserve: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
+        if not 0 <= reserve < capacity:
+            raise ValueError("reserve must be >= 0 and below the capacity")
         self.capacity = capacity
+        self.reserve = reserve
         self.running = 0
         self.waiting = 0  # queued tickets, every tenant (nothing queued: nothing to choose)
         self.tenants: dict[str, Tenant] = {}
@@ -187,6 +197,11 @@ class FairShare:
         if len(self.tenants) > self.max_tenants and not t.queue and t.running == 0:
             del self.tenants[t.name]
 
+    def limit(self, t: Tenant) -> int:
+        """Slots in use up to which ``t`` may be admitted: the reserve is for tenants
+        with nothing running."""
+        return self.capacity if t.running == 0 else self.capacity - self.reserve
+
     def _schedule(self) -> list[Ticket]:
         granted: list[Ticket] = []
         while self.waiting and self.running < self.capacity:
@@ -195,7 +210,7 @@ class FairShare:
                 break
             pick = min(candidates, key=lambda t: (t.service, t.running, t.order))
             ticket = pick.queue[0]
-            if self.running > 0 and self.running + ticket.slots > self.capacity:
+            if self.running > 0 and self.running + ticket.slots > self.limit(pick):
                 break  # a wide request (n) waits for room rather than overfilling
             pick.queue.popleft()
             self.waiting -= 1

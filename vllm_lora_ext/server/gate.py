@@ -642,16 +642,21 @@ def _share_key(tenant: str) -> str:
 
 def fair_share_of(engine: Any, config: LoraExtConfig) -> FairShare | None:
     """The engine's fair share: its batch (``--max-num-seqs``) plus headroom, the
-    configured weights and caps; None when off or the batch size is unknown."""
+    configured weights and caps, the reserve for arrivals; None when off or the batch
+    size is unknown."""
     if not config.fair_share:
         return None
     scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
     seqs = getattr(scheduler, "max_num_seqs", None)
     if not isinstance(seqs, int) or seqs < 1:
         return None
-    return FairShare(
-        seqs + config.fair_share_headroom, config.tenant_weights, config.tenant_max_in_flight
-    )
+    capacity = seqs + config.fair_share_headroom
+    # Arrivals keep the headroom and `fair_share_reserve` slots of the batch (never all
+    # of it: a flood always has one).
+    reserve = 0
+    if config.fair_share_reserve:
+        reserve = config.fair_share_headroom + min(config.fair_share_reserve, seqs - 1)
+    return FairShare(capacity, config.tenant_weights, config.tenant_max_in_flight, reserve=reserve)
 
 
 class _Meter:
