@@ -232,3 +232,18 @@ class FakeEngine:
     def shutdown(self) -> None:
         if self.output_handler is not None:
             self.output_handler.cancel()
+
+
+# Managers a test made over a fake engine, shut down after it (tests/unit/conftest.py).
+_live: list[tuple[Any, FakeEngine]] = []
+
+
+def track(manager: Any, engine: FakeEngine) -> None:
+    _live.append((manager, engine))
+
+
+async def shut_down_tracked() -> None:
+    while _live:
+        manager, engine = _live.pop()
+        await manager.shutdown()
+        engine.shutdown()

@@ -8,25 +8,13 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-import pytest
-from fakes import FakeEngine, write_adapter
+from fakes import FakeEngine, track, write_adapter
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.gate import BASE_TENANT
 from vllm_lora_ext.server.manager import LoraManager
-
-_made: list[tuple[LoraManager, FakeEngine]] = []
-
-
-@pytest.fixture(autouse=True)
-async def _cleanup():
-    yield
-    while _made:
-        m, engine = _made.pop()
-        await m.shutdown()
-        engine.shutdown()
 
 
 async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]:
@@ -43,7 +31,7 @@ async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]
     )
     manager = LoraManager(engine, config)
     manager.install()
-    _made.append((manager, engine))
+    track(manager, engine)
     for name in ("A", "B"):
         await manager.load(name, str(write_adapter(tmp_path / name)))
     return manager, engine

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fakes import FakeEngine, token_at, write_adapter
+from fakes import FakeEngine, token_at, track, write_adapter
 from vllm.exceptions import GracefulHTTPError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
@@ -25,17 +25,6 @@ from vllm_lora_ext.server import attribution, metrics
 from vllm_lora_ext.server.files import ADAPTER_FILES
 from vllm_lora_ext.server.manager import LoraManager
 
-_made: list[tuple[LoraManager, FakeEngine]] = []
-
-
-@pytest.fixture(autouse=True)
-async def _cleanup():
-    yield
-    while _made:
-        m, engine = _made.pop()
-        await m.shutdown()
-        engine.shutdown()
-
 
 async def make(tmp_path, names=("meow",), **cfg) -> tuple[LoraManager, FakeEngine]:
     engine = FakeEngine(**cfg.pop("engine", {}))
@@ -44,7 +33,7 @@ async def make(tmp_path, names=("meow",), **cfg) -> tuple[LoraManager, FakeEngin
     )
     manager = LoraManager(engine, config)
     manager.install()
-    _made.append((manager, engine))
+    track(manager, engine)
     for name in names:
         await manager.load(name, str(write_adapter(tmp_path / f"{name}1")))
     return manager, engine
