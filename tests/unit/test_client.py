@@ -123,10 +123,12 @@ async def test_client_errors_are_not_retried():
 async def test_a_dead_replica_is_skipped_then_readmitted_by_its_health_check():
     client, servers, transport = make([], [], down_for_s=60)
     transport.down.add("r0")
+    client.replicas[1].in_flight += 100  # r0 is the first choice (not a coin toss)...
     for _ in range(6):
         r = await client.sample("meow", prompt_token_ids=PROMPT_IDS, max_tokens=2)
         assert r.replica == "http://r1"
-    assert transport.refused.count("r0") == 1  # tried once, then left alone
+    client.replicas[1].in_flight -= 100
+    assert transport.refused.count("r0") == 1  # ...tried once, then left alone
     transport.down.clear()
     servers[0].healthy = False  # back up, but not healthy yet
     client.replicas[0].down_until = 0  # its time out is over
