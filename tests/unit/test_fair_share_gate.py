@@ -138,6 +138,7 @@ async def test_held_aborted_and_disconnected_requests_give_their_share_back(tmp_
     await step_until(engine, lambda: all(t.done() for t in [*flood, waiting]))
     share = manager.gate.share
     assert share.running == 0 and all(share.queued(t) == 0 for t in share.tenants)
+    assert manager.tenants()[BASE_TENANT]["service_tokens"] > 0  # the base model is charged
 
 
 async def test_a_continuation_keeps_its_place(tmp_path):

@@ -233,10 +233,6 @@ class Gate:
         for ticket in granted:
             self._set(_share_key(ticket.tenant))
 
-    def _charge(self, tenant: str, tokens: int) -> None:
-        if self.share is not None and tokens:
-            self.share.charge(tenant, tokens)
-
     # ---- waiting on adapter state -------------------------------------------------
     def pulse(self, name: str) -> None:
         """Something about ``name`` changed: its waiters re-check what they wait for
@@ -334,11 +330,12 @@ class Gate:
                 tenant, sampling_params.n, priority=kwargs.get("priority") or 0
             )
             try:
-                meter = _Meter(sampling_params.output_kind)
+                meter, share = _Meter(sampling_params.output_kind), self.share
                 async for out in self._generate(
                     prompt, sampling_params, request_id, lora_request=lora_request, **kwargs
                 ):
-                    self._charge(tenant, meter.tokens(out))
+                    if share is not None:
+                        share.charge(tenant, meter.tokens(out))
                     yield out
             finally:
                 self._give_back(ticket)
