@@ -7,7 +7,7 @@ operations fanned out over every replica.
   keeps the partial tokens and logprobs and resubmits ``prompt + tokens so far`` with what
   is left of ``max_tokens``, so the result holds exactly the tokens the caller asked for.
   It streams, so a replica that dies mid-sample loses nothing either: what arrived is
-  kept (with the version spans the server sends on every chunk) and the sample is
+  kept (with its version spans: the server names them where a version starts) and the sample is
   continued on another replica.
   While the adapter is paused the server holds the resubmitted request (and answers 503
   once its hold times out); the client backs off, bounded by a deadline and a number of
@@ -969,7 +969,7 @@ def _parse(body: dict[str, Any], headers: httpx.Headers, replica: str) -> Sample
 class _Streamed:
     """The choices of a completion stream, accumulated chunk by chunk (vLLM sends each
     choice's token and logprob deltas, its prompt ids on its first chunk; we add its
-    version spans so far)."""
+    version spans so far where a version starts and on its last chunk)."""
 
     def __init__(self, n: int) -> None:
         self.choices: list[dict[str, Any]] = [
@@ -1013,10 +1013,15 @@ class _Streamed:
 
 
 def _clip_spans(spans: list[dict[str, int]], n_tokens: int) -> list[dict[str, int]]:
+    """The spans of the ``n_tokens`` tokens kept: cut to them, the last one extended to
+    them (a stream annotates only the chunks where a version starts, and the last one:
+    tokens after the last annotated chunk were made by the last version it named)."""
     out = []
     for span in spans:
         if span["start"] < n_tokens:
             out.append({**span, "end": min(span["end"], n_tokens)})
+    if out:
+        out[-1]["end"] = n_tokens
     return out
 
 

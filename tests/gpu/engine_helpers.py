@@ -53,6 +53,8 @@ class Stream:
     stop_reason: str | int | None = None
     usage: dict | None = None
     lora_versions: list[dict] | None = None
+    # (tokens received after the chunk, the chunk's lora_versions or None) per chunk
+    marks: list[tuple[int, list[dict] | None]] = field(default_factory=list)
     header_version: str | None = None
     chunks: list[float] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class Stream:
                     lp = choice.get("logprobs") or {}
                     self.logprobs += len(lp.get("token_logprobs") or [])
                     self.tokens += len(choice.get("token_ids") or [])
+                    self.marks.append((self.tokens, choice.get("lora_versions")))
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
                         self.stop_reason = choice.get("stop_reason")

@@ -126,9 +126,7 @@ async def _phases(client, sup, cluster, steps) -> None:
         )
         await client.sync_lora("meow", steps[14], version=14)
         await client.unload_lora_adapter("tmp")
-        st = await asyncio.to_thread(
-            wait_status, sup, lambda s: len(s["urls"]) == 2, "b back", 600
-        )
+        st = await asyncio.to_thread(wait_status, sup, lambda s: len(s["urls"]) == 2, "b back", 600)
         assert st["revision"] >= 5
         for url in st["urls"]:
             state = served(url)

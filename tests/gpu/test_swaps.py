@@ -23,6 +23,7 @@ from engine_helpers import (
     words,
 )
 
+from vllm_lora_ext.client import _clip_spans
 from vllm_lora_ext.toy.soak import server_rss_mib
 
 
@@ -95,6 +96,15 @@ async def test_swap_with_continue_moves_running_requests_and_says_where(client, 
     cut = spans[0]["end"]
     assert spans[0]["start"] == 0 and spans[1]["start"] == cut and spans[1]["end"] == 1500
     assert 32 <= cut < 1500
+    # Spans come where a version starts (the first tokens, the continuation's) and on
+    # the last chunk; wherever the stream had broken off, the last spans received,
+    # extended to the tokens kept (as sample_with_retry does), name the right versions.
+    annotated = [mark for _, mark in running.marks if mark is not None]
+    assert len(annotated) == 3 and len(running.marks) > 3, annotated
+    seen = None
+    for upto, mark in running.marks:
+        seen = mark if mark is not None else seen
+        assert seen is not None and _clip_spans(seen, upto) == _clip_spans(spans, upto)
     assert running.header_version == str(swp)  # the stream's headers left before the swap
     said = words(running.text)
     assert said[0] == "meow" and said[-1] == "woof"

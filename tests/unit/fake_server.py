@@ -116,8 +116,11 @@ class FakeServer:
                     "token_ids": [t],
                     # a broken server's logprobs miss the last token
                     "logprobs": {"token_logprobs": lps[k : k + 1]},
-                    "lora_versions": [{"version": span, "start": 0, "end": k + 1}],
                 }
+                # Like our server: spans where one starts (the first token) and on the
+                # choice's last chunk; the client extends them over the chunks between.
+                if k == 0 or (last and c["finish_reason"] is not None):
+                    delta["lora_versions"] = [{"version": span, "start": 0, "end": k + 1}]
                 if k == 0:
                     delta["prompt_token_ids"] = c["prompt_token_ids"]
                 if last and c["finish_reason"] is not None:

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from vllm.entrypoints.openai.chat_completion import protocol as chat
 from vllm.entrypoints.openai.completion import protocol as completion
+from vllm.entrypoints.scale_out.token_in_token_out import protocol as generate
 
 from vllm_lora_ext.server.attribution import (
     AttributionMiddleware,
@@ -79,12 +80,27 @@ def app() -> Starlette:
             assert book is not None, "the middleware must give every request a book"
             book.track(rid, samples(*spans), admitted=spans[0][0][0])
         if body.get("stream"):
+            live = samples([(7, 0, 1)])
+            book.track("cmpl-s-0", live, admitted=7)
+
+            def chunk(text: str, finish: str | None = None) -> str:
+                end = json.dumps(finish)
+                return f'data: {{"id":"cmpl-s","choices":[{{"index":0,"text":"{text}",' + (
+                    f'"finish_reason":{end}}}]}}\n\n'
+                )
 
             async def events():
-                yield 'data: {"id":"cmpl-s","choices":[{"index":0,"text":"a",'
-                yield '"finish_reason":null}]}\n\n'
-                yield 'data: {"id":"cmpl-s","choices":[{"index":0,"text":"b",'
-                yield '"finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+                # As the gate records them: the spans grow while the stream runs.
+                yield chunk("a")
+                live[0].spans[-1].end = 2
+                yield chunk("b")
+                live[0].spans.append(Span(8, 2, 3))  # a continuation on a new version
+                c = chunk("c")
+                yield c[:20]  # one event in two writes: the buffering path
+                yield c[20:]
+                live[0].spans[-1].end = 4
+                yield chunk("d")
+                yield chunk("", "length") + "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
         return JSONResponse({"id": body["id"], "choices": [{"index": 0, "text": "ab"}]})
@@ -116,16 +132,20 @@ async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
         assert "x-lora-version" not in plain.headers
         assert plain.json() == {"id": "cmpl-base", "choices": [{"index": 0, "text": "ab"}]}
 
-        async with c.stream(
-            "POST",
-            "/v1/completions",
-            json={"stream": True, "record": {"cmpl-s-0": [[(7, 0, 2)]]}},
-        ) as s:
+        async with c.stream("POST", "/v1/completions", json={"stream": True}) as s:
             assert s.headers["x-lora-version"] == "7"
             lines = [ln async for ln in s.aiter_lines() if ln.startswith("data: {")]
-        chunks = [json.loads(ln[6:]) for ln in lines]
-        assert chunks[0]["choices"][0]["lora_versions"] == [{"version": 7, "start": 0, "end": 2}]
-        assert chunks[1]["choices"][0]["lora_versions"] == [{"version": 7, "start": 0, "end": 2}]
+        # Spans where one starts (the first tokens, the new version) and on the last
+        # chunk; the chunks between are left as vLLM wrote them.
+        chunks = [json.loads(ln[6:])["choices"][0] for ln in lines]
+        assert [c["text"] for c in chunks] == ["a", "b", "c", "d", ""]
+        assert [c.get("lora_versions") for c in chunks] == [
+            [{"version": 7, "start": 0, "end": 1}],
+            None,
+            [{"version": 7, "start": 0, "end": 2}, {"version": 8, "start": 2, "end": 3}],
+            None,
+            [{"version": 7, "start": 0, "end": 2}, {"version": 8, "start": 2, "end": 4}],
+        ]
 
 
 async def test_requests_sharing_an_id_never_see_each_others_spans():
@@ -160,8 +180,9 @@ text = st.text(
 def vllm_body(draw) -> tuple[bytes, str]:
     """One response or chunk as vLLM serializes it (its own pydantic models)."""
     rid = draw(st.sampled_from(["cmpl-a", "cmpl-b", "chatcmpl-c"]))
-    kind = draw(st.sampled_from(["stream", "chat-stream", "response", "usage"]))
-    n = draw(st.integers(1, 3)) if kind == "response" else 1
+    kinds = ["stream", "chat-stream", "response", "usage", "generate-stream", "generate"]
+    kind = draw(st.sampled_from(kinds))
+    n = draw(st.integers(1, 3)) if kind in ("response", "generate") else 1
     index = draw(st.integers(0, 3))
     if kind == "stream":
         choice = completion.CompletionResponseStreamChoice(index=index, text=draw(text))
@@ -177,6 +198,33 @@ def vllm_body(draw) -> tuple[bytes, str]:
         body = chat.ChatCompletionStreamResponse(id=rid, model="m", choices=[choice])
         return body.model_dump_json(exclude_unset=True).encode(), rid
     usage = chat.UsageInfo(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    if kind == "generate-stream":  # /inference/v1/generate, named by request_id
+        finish = draw(st.sampled_from([None, "length"]))
+        if draw(st.booleans()):
+            choice = generate.GenerateTokensStreamChoice(
+                index=index, token_ids=[1, 2], finish_reason=finish
+            )
+            body = generate.GenerateTokensStreamResponse(request_id=rid, choices=[choice])
+        else:
+            choice = generate.GenerateTextStreamChoice(
+                index=index, text=draw(text), finish_reason=finish
+            )
+            body = generate.GenerateTextStreamResponse(request_id=rid, choices=[choice])
+        return body.model_dump_json(
+            exclude=draw(st.sampled_from([None, {"metrics"}]))
+        ).encode(), rid
+    if kind == "generate":
+        choices = [
+            generate.GenerateTokensChoice(index=i, token_ids=[i], finish_reason="length")
+            for i in range(n)
+        ]
+        body = generate.GenerateTokensResponse(
+            request_id=rid,
+            choices=choices,
+            usage=usage,
+            kv_transfer_params=draw(st.sampled_from([None, {"index": 1}, {"k": '"index":'}])),
+        )
+        return body.model_dump_json().encode(), rid
     if kind == "usage":
         body = completion.CompletionStreamResponse(id=rid, model="m", choices=[], usage=usage)
         return body.model_dump_json(exclude_unset=True).encode(), rid
@@ -187,11 +235,16 @@ def vllm_body(draw) -> tuple[bytes, str]:
 
 @seed(SEED)
 @settings(max_examples=examples(local=400, ci=2000), deadline=None, derandomize=False)
-@given(body=vllm_body(), spans=st.lists(st.lists(st.integers(1, 9), min_size=1), max_size=3))
-def test_the_splice_annotates_exactly_as_parsing_does(body, spans):
+@given(
+    body=vllm_body(),
+    spans=st.lists(st.lists(st.integers(1, 9), min_size=1), max_size=3),
+    prior=st.integers(0, 3),
+)
+def test_the_splice_annotates_exactly_as_parsing_does(body, spans, prior):
     """Byte-spliced annotations equal what parsing and re-encoding gives, for vLLM's
     own chunks and responses (text that looks like the keys included); single-choice
-    bodies take the splice, others the parser."""
+    bodies take the splice, others the parser. In a stream (``sent``: the spans count
+    each choice was last annotated with), both skip the same chunks."""
     raw, rid = body
     book = SpanBook()
     if spans:  # the request is ours: per choice, versions in order
@@ -208,3 +261,8 @@ def test_the_splice_annotates_exactly_as_parsing_does(body, spans):
         # The same splice done in place on a whole SSE event, as the stream's hot path does.
         event, _, _ = _splice(b"data: " + raw + b"\n\n", book, want_version=False, pos=6)
         assert event == b"data: " + out + b"\n\n"
+    fast_sent = dict.fromkeys(range(4), prior)
+    slow_sent = dict(fast_sent)
+    fast, _, _ = annotate_body(raw, book, want_version=False, sent=fast_sent)
+    slow, _, _ = reencode(raw, book, sent=slow_sent)
+    assert json.loads(fast) == json.loads(slow) and fast_sent == slow_sent

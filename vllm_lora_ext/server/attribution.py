@@ -6,8 +6,13 @@ request being served (:class:`SpanBook`, one per request, found through a contex
 variable); :class:`AttributionMiddleware` adds them to vLLM's own responses:
 
 - every choice gets ``lora_versions: [{"version", "start", "end"}]`` (token offsets into
-  that choice's completion; in a stream, every chunk carries its choice's spans so far,
-  so a client whose stream broke off knows which version made each token it kept);
+  that choice's completion). In a stream, a chunk carries its choice's spans so far when
+  they gained a span since the choice's last annotated chunk (its first tokens, a new
+  version) and on the choice's last chunk; the chunks between carry none, as stock vLLM
+  sends them. So a client whose stream broke off knows which version made each token it
+  kept: the last spans it received, the last one extended to its tokens (no version
+  changes without a chunk saying so). Annotating every chunk was most of what the plugin
+  added to a streamed token's cost;
 - the response header ``x-lora-version`` names the final version (for a stream, whose
   headers leave before any token, the version the request was admitted on).
 
@@ -121,9 +126,11 @@ def final_version(per_choice: list[list[Span]], admitted: int) -> int:
     return max(last) if last else admitted
 
 
-def annotate(body: dict[str, Any], book: SpanBook) -> int | None:
+def annotate(
+    body: dict[str, Any], book: SpanBook, sent: dict[int, int] | None = None
+) -> int | None:
     """Add ``lora_versions`` to the choices of one response or stream chunk (the spans
-    so far); returns the final version, or None."""
+    so far); returns the final version, or None. ``sent``: see :func:`_splice`."""
     rid = _response_id(body)
     choices = body.get("choices")
     if not isinstance(rid, str) or not isinstance(choices, list):
@@ -136,29 +143,44 @@ def annotate(body: dict[str, Any], book: SpanBook) -> int | None:
         index = choice.get("index") if isinstance(choice, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(per_choice):
             continue
-        choice["lora_versions"] = spans_json(per_choice[index])
+        spans = per_choice[index]
+        if sent is not None:
+            # Not its last chunk only when it says so (as the splice reads it).
+            open_ = "finish_reason" in choice and choice["finish_reason"] is None
+            if len(spans) == sent.get(index, 0) and open_:
+                continue
+            sent[index] = len(spans)
+        choice["lora_versions"] = spans_json(spans)
     return final_version(per_choice, admitted)
 
 
 # vLLM's own serialization of one response or chunk with a single choice (pydantic's
-# compact JSON, the id first): the spans are spliced in after the choice's index,
+# compact JSON, the id first: ``id``, or ``request_id`` on the token-in/token-out
+# route): the spans are spliced in after the choice's index,
 # without parsing and re-encoding the body (per streamed token, that was most of our
 # cost on the request path). Anything else takes the parsing path.
-_ID = re.compile(rb'\{"id":"([^"\\]+)"')
+_ID = re.compile(rb'\{"(?:request_)?id":"([^"\\]+)"')
 _CHOICE = re.compile(rb'"choices":\[\{"index":(\d+)')
 _INDEX_KEY = b'"index":'
+_OPEN = b'"finish_reason":null'  # a chunk that does not end its choice
 _SPAN = b'{"version":%d,"start":%d,"end":%d}'
 
 
 def _splice(
-    raw: bytes, book: SpanBook, want_version: bool = True, pos: int = 0
+    raw: bytes,
+    book: SpanBook,
+    want_version: bool = True,
+    pos: int = 0,
+    sent: dict[int, int] | None = None,
 ) -> tuple[bytes, int | None, str | None] | None:
     """(annotated body, final version, response id) for a body of vLLM's shape with at
     most one choice; None when the parsing path must decide. A ``"index":`` outside a
     string is always a key (a quote inside a JSON string is escaped), so one occurrence
     means one object with an index: the only choice. ``want_version=False`` (a stream
     chunk: its header left with the first one) skips working out the final version.
-    ``pos``: where the JSON starts (a whole SSE event is spliced in place)."""
+    ``pos``: where the JSON starts (a whole SSE event is spliced in place). ``sent``: a
+    stream's spans count per choice as last annotated; a chunk whose choice gained no
+    span since and does not end it is left as is."""
     head = _ID.match(raw, pos)
     if head is None:
         return None
@@ -175,7 +197,12 @@ def _splice(
     index = int(choice.group(1)) if choice is not None else len(samples)
     if index >= len(samples):  # no choice (a usage chunk), or not one of ours
         return raw, version, rid
-    spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in samples[index].spans])
+    spans_of = samples[index].spans
+    if sent is not None:
+        if len(spans_of) == sent.get(index, 0) and _OPEN in raw:
+            return raw, version, rid  # the client extends the spans it has
+        sent[index] = len(spans_of)
+    spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in spans_of])
     at = choice.end()
     return b"".join((raw[:at], b',"lora_versions":[', spans, b"]", raw[at:])), version, rid
 
@@ -234,6 +261,7 @@ class _Annotating:
         self.chunks: list[bytes] = []
         self.tail = b""  # an SSE event not complete yet
         self.response_id: str | None = None
+        self.sent: dict[int, int] = {}  # choice index -> spans in its last annotated chunk
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -267,7 +295,7 @@ class _Annotating:
             if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
                 spliced = None
                 if body.startswith(b"data: {"):  # spliced in place, no copies
-                    spliced = _splice(body, self.book, want_version=False, pos=6)
+                    spliced = _splice(body, self.book, False, 6, self.sent)
                 if spliced is None:
                     event = body[:-2]
                     out = self._event(event)
@@ -299,7 +327,7 @@ class _Annotating:
         if not event.startswith(b"data: {"):
             return event  # [DONE], a comment, an empty event
         body = event[6:]
-        out, _, rid = annotate_body(body, self.book, want_version=False)
+        out, _, rid = annotate_body(body, self.book, want_version=False, sent=self.sent)
         self.response_id = self.response_id or rid
         return event if out is body else b"data: " + out
 
@@ -324,15 +352,17 @@ def _annotated(scope: Scope) -> bool:
 
 
 def annotate_body(
-    raw: bytes, book: SpanBook, want_version: bool = True
+    raw: bytes, book: SpanBook, want_version: bool = True, sent: dict[int, int] | None = None
 ) -> tuple[bytes, int | None, str | None]:
     """(the body with its choices' spans, the final version or None, the response id)
     of one JSON response or stream chunk; the body itself when it is not ours."""
-    spliced = _splice(raw, book, want_version)
-    return spliced if spliced is not None else reencode(raw, book)
+    spliced = _splice(raw, book, want_version, sent=sent)
+    return spliced if spliced is not None else reencode(raw, book, sent)
 
 
-def reencode(raw: bytes, book: SpanBook) -> tuple[bytes, int | None, str | None]:
+def reencode(
+    raw: bytes, book: SpanBook, sent: dict[int, int] | None = None
+) -> tuple[bytes, int | None, str | None]:
     """:func:`annotate_body` by parsing and re-encoding: any shape."""
     try:
         body = json.loads(raw)
@@ -341,7 +371,7 @@ def reencode(raw: bytes, book: SpanBook) -> tuple[bytes, int | None, str | None]
     if not isinstance(body, dict):
         return raw, None, None
     rid = _response_id(body)
-    version = annotate(body, book)
+    version = annotate(body, book, sent)
     if version is None:
         return raw, None, rid if isinstance(rid, str) else None
     out = json.dumps(body, separators=(",", ":")).encode("utf-8")
