@@ -100,6 +100,8 @@ def app() -> Starlette:
                 yield c[20:]
                 live[0].spans[-1].end = 4
                 yield chunk("d")
+                live[0].spans.append(Span(9, 4, 5))  # another, in one whole event
+                yield chunk("e")
                 yield chunk("", "length") + "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -138,13 +140,15 @@ async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
         # Spans where one starts (the first tokens, the new version) and on the last
         # chunk; the chunks between are left as vLLM wrote them.
         chunks = [json.loads(ln[6:])["choices"][0] for ln in lines]
-        assert [c["text"] for c in chunks] == ["a", "b", "c", "d", ""]
+        assert [c["text"] for c in chunks] == ["a", "b", "c", "d", "e", ""]
+        v7, v8 = {"version": 7, "start": 0, "end": 2}, {"version": 8, "start": 2, "end": 4}
         assert [c.get("lora_versions") for c in chunks] == [
             [{"version": 7, "start": 0, "end": 1}],
             None,
-            [{"version": 7, "start": 0, "end": 2}, {"version": 8, "start": 2, "end": 3}],
+            [v7, {"version": 8, "start": 2, "end": 3}],
             None,
-            [{"version": 7, "start": 0, "end": 2}, {"version": 8, "start": 2, "end": 4}],
+            [v7, v8, {"version": 9, "start": 4, "end": 5}],
+            [v7, v8, {"version": 9, "start": 4, "end": 5}],
         ]
 
 

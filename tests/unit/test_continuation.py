@@ -55,8 +55,10 @@ def test_delta_keep_interruption_then_continuation_concatenates():
     assert [t for o in shown for t in o.outputs[0].token_ids] == [10, 11, 12, 13, 14, 15]
     assert [o.outputs[0].finish_reason for o in shown] == [None, None, "length"]
     assert tail.finished
+    assert [len(o.outputs[0].logprobs) for o in shown] == [2, 1, 3]  # one per token shown
+    assert "".join(o.outputs[0].text for o in shown) == " t10 t11 t12 t13 t14 t15"
     s = st.samples[0]
-    assert len(s.logprobs) == len(s.token_ids) == 6
+    assert s.token_ids == [10, 11, 12, 13, 14, 15]
     assert [(sp.version, sp.start, sp.end) for sp in s.spans] == [(1, 0, 3), (2, 3, 6)]
 
 

@@ -163,6 +163,7 @@ _ID = re.compile(rb'\{"(?:request_)?id":"([^"\\]+)"')
 _CHOICE = re.compile(rb'"choices":\[\{"index":(\d+)')
 _INDEX_KEY = b'"index":'
 _OPEN = b'"finish_reason":null'  # a chunk that does not end its choice
+_LEAD = b'"choices":[{"index":0,'  # a chunk of the first choice
 _SPAN = b'{"version":%d,"start":%d,"end":%d}'
 
 
@@ -262,6 +263,7 @@ class _Annotating:
         self.tail = b""  # an SSE event not complete yet
         self.response_id: str | None = None
         self.sent: dict[int, int] = {}  # choice index -> spans in its last annotated chunk
+        self.lead: Sample | None = None  # the first choice's sample, once known
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -291,6 +293,18 @@ class _Annotating:
 
     async def _sse(self, message: Message) -> None:
         body = message.get("body", b"")
+        lead = self.lead
+        if (  # most of a stream: one event of the first choice, nothing to add
+            lead is not None
+            and len(lead.spans) == self.sent.get(0)
+            and _OPEN in body
+            and _LEAD in body
+            and body.count(_INDEX_KEY) == 1
+            and not self.tail
+            and body.find(b"\n\n") == len(body) - 2
+        ):
+            await self._send(message)
+            return
         if not self.tail and self.start is None and body.endswith(b"\n\n"):
             if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
                 spliced = None
@@ -328,7 +342,10 @@ class _Annotating:
             return event  # [DONE], a comment, an empty event
         body = event[6:]
         out, _, rid = annotate_body(body, self.book, want_version=False, sent=self.sent)
-        self.response_id = self.response_id or rid
+        if self.response_id is None and rid is not None:
+            self.response_id = rid
+            found = self.book.lookup(rid)
+            self.lead = found[0][0] if found is not None and found[0] else None
         return event if out is body else b"data: " + out
 
 

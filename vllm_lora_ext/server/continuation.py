@@ -99,6 +99,7 @@ class Stitcher:
         self.num_cached_tokens: int | None = None
         self.first: RequestOutput | None = None
         self._emitted = False
+        self._stopped = False  # a sample of the first segment was stopped to continue
         self._params = params
 
     @functools.cached_property
@@ -155,21 +156,19 @@ class Stitcher:
             self.prompt_token_ids = list(out.prompt_token_ids or []) or None
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
-        seen: list[tuple[Sample, CompletionOutput, list[int]]] = []
         rewritten = False  # a finish reason the caller must see differently
         delta = self.kind == RequestOutputKind.DELTA
         for c in out.outputs:
             s = self.samples[c.index if index is None else index]
             before = len(s.token_ids)
             new_ids = c.token_ids  # only read (a delta view shows the engine's own list)
-            if c.logprobs is not None and s.logprobs is None:
-                s.logprobs = []
             if delta:
+                # A delta caller is shown deltas only: the text and logprobs so far are
+                # never shown again, only the tokens are needed (to continue from).
                 s.token_ids.extend(new_ids)
-                s.text += c.text
-                if c.logprobs is not None:
-                    s.logprobs.extend(c.logprobs)
             else:
+                if c.logprobs is not None and s.logprobs is None:
+                    s.logprobs = []
                 s.token_ids[s.base_tokens :] = new_ids
                 s.text = s.text[: s.base_text] + c.text
                 if c.logprobs is not None:
@@ -187,17 +186,19 @@ class Stitcher:
                     s.finish_reason = ABORT
                     s.note = continuable.PREFIX + self.not_continuable
                 else:
-                    s.interrupted = True
+                    s.interrupted = self._stopped = True
                     s.finish_reason = None
             else:
                 s.finish_reason = c.finish_reason
-            seen.append((s, c, new_ids))
-        if index is None and not rewritten and not any(s.interrupted for s in self.samples):
+        if index is None and not rewritten and not self._stopped:
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).
             self._emitted = True
             return out
-        shown = [self._view(s, c, new_ids) for s, c, new_ids in seen]
+        shown = [
+            self._view(self.samples[c.index if index is None else index], c, c.token_ids)
+            for c in out.outputs
+        ]
         return self._emit([c for c in shown if c is not None])
 
     def give_up(self) -> RequestOutput | None:

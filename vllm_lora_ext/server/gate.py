@@ -352,11 +352,33 @@ class Gate:
             claim[0] = await self._take_share(
                 flight.name, sampling_params.n, flight, priority=kwargs.get("priority") or 0
             )
-            async with contextlib.aclosing(
-                self._segments(flight, prompt, sampling_params, request_id, kwargs, stitcher, claim)
-            ) as outputs:
-                async for out in outputs:
-                    yield out
+            # The first segment (every request has one; its samples are fresh, nothing to
+            # start) is read here, vLLM's own generator directly: each generator layer of
+            # ours cost every streamed token a hop and every request an allocation.
+            share, meter, name = self.share, _Meter(sampling_params.output_kind), flight.name
+            number = flight.version.number
+            seg, gen = self._open_segment(flight, prompt, sampling_params, request_id, kwargs)
+            ended = False
+            try:
+                out = await self._first_output(seg, gen)
+                while out is not None:
+                    if share is not None:
+                        share.charge(name, meter.tokens(out))
+                    seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
+                    if seen is not None:
+                        yield seen
+                    out = await anext(gen, None)
+                ended = True
+            finally:
+                await self._close_segment(seg, gen, ended)
+            if stitcher.to_continue():
+                async with contextlib.aclosing(
+                    self._continuations(
+                        flight, prompt, sampling_params, request_id, kwargs, stitcher, claim
+                    )
+                ) as outputs:
+                    async for out in outputs:
+                        yield out
         finally:
             self._give_back(claim[0])
             await self._end(flight)
@@ -500,6 +522,37 @@ class Gate:
                 seg.flight.segments.discard(rid)
                 self._by_segment.pop(rid, None)
 
+    def _open_segment(
+        self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
+    ) -> tuple[_Segment, AsyncGenerator[RequestOutput, None]]:
+        """One engine request on the flight's version (vLLM's generator, not started)."""
+        gen = self._generate(
+            prompt, params, request_id, lora_request=lora_request_of(flight.version), **kwargs
+        )
+        return _Segment(flight), gen
+
+    async def _first_output(
+        self, seg: _Segment, gen: AsyncGenerator[RequestOutput, None]
+    ) -> RequestOutput | None:
+        """The segment's first output (None: it made none), read with the segment in the
+        context variable: vLLM registers the request in that step, and
+        :meth:`add_request` links it to the flight."""
+        token = _SEGMENT.set(seg)
+        try:
+            return await anext(gen, None)
+        finally:
+            _SEGMENT.reset(token)
+
+    async def _close_segment(
+        self, seg: _Segment, gen: AsyncGenerator[RequestOutput, None], ended: bool
+    ) -> None:
+        """``ended``: the engine finished it, nothing left to stop. Otherwise (closed,
+        cancelled, failed) it stays linked: the flight's end stops it before the lease
+        goes."""
+        if ended:
+            self._unlink(seg)
+        await gen.aclose()
+
     async def _segment(
         self,
         flight: Flight,
@@ -508,34 +561,20 @@ class Gate:
         request_id: str,
         kwargs: dict,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """One engine request on the flight's version, linked to the flight while vLLM
-        registers it (the context variable is read by :meth:`add_request`)."""
-        seg = _Segment(flight)
-        gen = self._generate(
-            prompt, params, request_id, lora_request=lora_request_of(flight.version), **kwargs
-        )
-        ended = False  # the engine finished it: nothing left to stop
+        """One continuation segment as a generator (several are merged)."""
+        seg, gen = self._open_segment(flight, prompt, params, request_id, kwargs)
+        ended = False
         try:
-            token = _SEGMENT.set(seg)
-            try:
-                first = await anext(gen)
-            except StopAsyncIteration:
-                ended = True
-                return
-            finally:
-                _SEGMENT.reset(token)
-            yield first
-            async for out in gen:
-                yield out
+            first = await self._first_output(seg, gen)
+            if first is not None:
+                yield first
+                async for out in gen:
+                    yield out
             ended = True
         finally:
-            if ended:
-                self._unlink(seg)
-            # Otherwise (closed, cancelled, failed) it stays linked: the flight's end
-            # stops it before the lease goes.
-            await gen.aclose()
+            await self._close_segment(seg, gen, ended)
 
-    async def _segments(
+    async def _continuations(
         self,
         flight: Flight,
         prompt: Any,
@@ -545,49 +584,11 @@ class Gate:
         stitcher: Stitcher,
         claim: list[Ticket | None],
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The flight's engine segments; ``claim`` holds its share of the engine."""
+        """The samples a segment left stopped (a keep-mode pause, a continue swap): after
+        resume, each continues from prompt + its tokens so far, again while they are
+        stopped; ``claim`` holds the flight's share of the engine."""
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
-        indices: list[int] | None = None  # None: the first segment, every sample
-        while True:
-            version = flight.version
-            if indices is None:
-                gens = [self._segment(flight, prompt, params, request_id, kwargs)]
-                stitcher.start_segment(list(range(params.n)))
-            else:
-                # Continuations keep the caller's external id: vLLM's abort routes by id
-                # reach them as they reach the first segment.
-                gens = [
-                    self._segment(
-                        flight,
-                        TokensPrompt(prompt_token_ids=stitcher.continuation_prompt(g)),
-                        stitcher.continuation_params(params, g),
-                        request_id,
-                        cont_kwargs,
-                    )
-                    for g in indices
-                ]
-                stitcher.start_segment(indices)
-            meters = [_Meter(params.output_kind) for _ in gens]
-            share = self.share
-            # One engine request (every first segment): read directly, not merged.
-            single = len(gens) == 1
-            source = gens[0] if single else merge_async_iterators(*gens)
-            async with contextlib.aclosing(source) as merged:
-                async for item in merged:
-                    i, out = (0, item) if single else item
-                    if share is not None:
-                        share.charge(flight.name, meters[i].tokens(out))
-                    seen = stitcher.absorb(
-                        out,
-                        None if indices is None else indices[i],
-                        version.number,
-                        continuing=flight.interrupt == "continue",
-                    )
-                    if seen is not None:
-                        yield seen
-            indices = stitcher.to_continue()
-            if not indices:
-                return
+        while indices := stitcher.to_continue():
             self._give_back(claim[0])  # stopped: no share while it waits for resume
             claim[0] = None
             # A stack's global hold first: the adapter's own state is checked after it.
@@ -603,6 +604,31 @@ class Gate:
             metrics.CONTINUED.labels(flight.name).inc()
             self.registry.rebind(flight)
             self._settle(flight.name)
+            version = flight.version
+            # Continuations keep the caller's external id: vLLM's abort routes by id
+            # reach them as they reach the first segment.
+            gens = [
+                self._segment(
+                    flight,
+                    TokensPrompt(prompt_token_ids=stitcher.continuation_prompt(g)),
+                    stitcher.continuation_params(params, g),
+                    request_id,
+                    cont_kwargs,
+                )
+                for g in indices
+            ]
+            stitcher.start_segment(indices)
+            meters = [_Meter(params.output_kind) for _ in gens]
+            share = self.share
+            async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    if share is not None:
+                        share.charge(flight.name, meters[i].tokens(out))
+                    seen = stitcher.absorb(
+                        out, indices[i], version.number, flight.interrupt == "continue"
+                    )
+                    if seen is not None:
+                        yield seen
 
     async def _wait_for_resume(self, flight: Flight) -> bool:
         """Until the flight's adapter is resumed; False if it was aborted or unloaded
