@@ -6,13 +6,17 @@ Why it can resolve a few percent on two noisy cores:
 
 - CPU time (user + system, every thread) of the API process alone, not wall time: the
   engine's and the client's work is not in it, and waiting is not counted;
-- both servers run at once and the rounds alternate between them (the order drawn per
-  round), so drift (thermal, page cache, the other processes) hits both alike; each round
-  gives one paired ratio, and the result is the median ratio with a bootstrap 95%
-  interval over the rounds (its width is the resolution of this run);
+- both servers run at once and each round loads both at the same time with the same
+  batch, so drift (other processes, the host's load, page cache) hits both alike at the
+  same instant; each round gives one paired ratio, and the result is the median ratio
+  with a bootstrap 95% interval over the rounds (its width is the resolution of this
+  run). Loading them one after the other (``--alternate``, the order drawn per round)
+  pairs rounds seconds apart: its intervals were 2-3x wider here (+-4-6 % over 40
+  rounds against +-1-2 % over 24);
 - each API process is pinned to core 0, its engine's OpenMP threads and the client to
-  core 1, so the API process never shares its core with a spinning engine (``--no-pin``
-  turns this off).
+  core 1, so an API process never shares its core with a spinning engine (``--no-pin``
+  turns this off); loaded at once, the two API processes share core 0 (so their
+  absolute costs are higher than alone: the ratio is the result).
 
 Usage: ``.venv/bin/python bench/request_path.py [--rounds 40] [--record bench/RESULTS.md]``.
 """
@@ -127,6 +131,15 @@ async def measure(
         for name, s in servers.items()
     }
     rng = random.Random(args.seed)
+
+    async def one(name: str, n: int, tokens: int, stream: bool) -> tuple[str, float, float, int]:
+        """One batch on one server: (name, API CPU ms, its user part, units served)."""
+        before, user = api_cpu_s(servers[name]), api_user_s(servers[name])
+        units = await batch(clients[name], n, args.concurrency, tokens, stream)
+        cpu_ms = 1000 * (api_cpu_s(servers[name]) - before)
+        user_ms = 1000 * (api_user_s(servers[name]) - user)
+        return name, cpu_ms, user_ms, units if stream else n
+
     try:
         for name in servers:  # warm both paths (first requests pay one-off costs)
             await batch(clients[name], 64, args.concurrency, 1, False)
@@ -138,12 +151,11 @@ async def measure(
                 ("request", args.requests, 1, False),
                 ("token", args.streams, args.stream_tokens, True),
             ):
-                for name in order:
-                    before, user = api_cpu_s(servers[name]), api_user_s(servers[name])
-                    units = await batch(clients[name], n, args.concurrency, tokens, stream)
-                    cpu_ms = 1000 * (api_cpu_s(servers[name]) - before)
-                    user_ms = 1000 * (api_user_s(servers[name]) - user)
-                    per = n if kind == "request" else units
+                if args.alternate:
+                    done = [await one(name, n, tokens, stream) for name in order]
+                else:  # both at once: the same machine state at the same instant
+                    done = await asyncio.gather(*(one(name, n, tokens, stream) for name in order))
+                for name, cpu_ms, user_ms, per in done:
                     out[kind][name].append(cpu_ms / per)
                     out[f"{kind} (user)"][name].append(user_ms / per)
             print(
@@ -219,7 +231,8 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
         f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
         f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
         "round's plugin/stock (CI: bootstrap over rounds); ± = half the p10-p90 spread of "
-        f"a server's rounds. Pinned: {not args.no_pin}. Fair share on. User time: "
+        f"a server's rounds. Pinned: {not args.no_pin}. Servers loaded "
+        f"{'one after the other' if args.alternate else 'at once'}. Fair share on. User time: "
         "without the kernel's part (on loopback a write also runs the client's TCP "
         "receive), at clock-tick resolution."
     )
@@ -241,6 +254,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument(
+        "--alternate",
+        action="store_true",
+        help="load one server at a time (the order drawn per round) instead of both at once",
+    )
     p.add_argument("--record", type=Path)
     args = p.parse_args()
     toy = build_toy_assets()

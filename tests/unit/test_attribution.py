@@ -102,6 +102,7 @@ def app() -> Starlette:
                 yield chunk("d")
                 live[0].spans.append(Span(9, 4, 5))  # another, in one whole event
                 yield chunk("e")
+                live[0].finish_reason = "length"  # the gate records it before the chunk
                 yield chunk("", "length") + "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")

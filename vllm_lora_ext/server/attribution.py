@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -264,8 +264,33 @@ class _Annotating:
         self.response_id: str | None = None
         self.sent: dict[int, int] = {}  # choice index -> spans in its last annotated chunk
         self.lead: Sample | None = None  # the first choice's sample, once known
+        # How this stream's chunks of the first choice start (id, created, model and
+        # the choice's index are the same in each); never matches until learnt.
+        self.prefix = b"\xff"
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """Not a coroutine: most of a stream is handed to the server's ``send`` as is,
+        with no frame of ours awaited and no scan for the finish (per streamed token,
+        every step counts): whole events of the first choice while its sample is not
+        finished and has no span its client was not told of. The gate records a
+        finish or a span before vLLM serializes the chunk that shows it."""
+        lead = self.lead
+        if (
+            lead is not None
+            and lead.finish_reason is None
+            and len(lead.spans) == self.sent.get(0)
+            and not self.tail
+        ):
+            body = message.get("body", b"")
+            if (
+                body.startswith(self.prefix)  # this stream's chunk of choice 0
+                and body.endswith(b"\n\n")
+                and body.count(_INDEX_KEY) == 1  # of it alone
+            ):
+                return self._send(message)
+        return self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.mode = _mode(message)
             if self.mode == "pass":
@@ -293,18 +318,6 @@ class _Annotating:
 
     async def _sse(self, message: Message) -> None:
         body = message.get("body", b"")
-        lead = self.lead
-        if (  # most of a stream: one event of the first choice, nothing to add
-            lead is not None
-            and len(lead.spans) == self.sent.get(0)
-            and _OPEN in body
-            and _LEAD in body
-            and body.count(_INDEX_KEY) == 1
-            and not self.tail
-            and body.find(b"\n\n") == len(body) - 2
-        ):
-            await self._send(message)
-            return
         if not self.tail and self.start is None and body.endswith(b"\n\n"):
             if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
                 spliced = None
@@ -317,6 +330,8 @@ class _Annotating:
                         message = {**message, "body": out + b"\n\n"}
                 elif spliced[0] is not body:
                     message = {**message, "body": spliced[0]}
+                if self.lead is not None:
+                    self._learn(body)
                 await self._send(message)
                 return
         events = (self.tail + body).split(b"\n\n")
@@ -336,6 +351,13 @@ class _Annotating:
             self.start = None
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
 
+    def _learn(self, event: bytes) -> None:
+        """The prefix of the first choice's chunks, from one of them (a route may send
+        fields in its first chunk only: the prefix is learnt again from the next)."""
+        at = event.find(_LEAD)
+        if at >= 0:
+            self.prefix = event[: at + len(_LEAD)]
+
     def _event(self, event: bytes) -> bytes:
         """One whole SSE event, its choices annotated with their spans so far."""
         if not event.startswith(b"data: {"):
@@ -346,6 +368,8 @@ class _Annotating:
             self.response_id = rid
             found = self.book.lookup(rid)
             self.lead = found[0][0] if found is not None and found[0] else None
+        if self.lead is not None:
+            self._learn(event)
         return event if out is body else b"data: " + out
 
 

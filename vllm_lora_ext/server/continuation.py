@@ -65,10 +65,13 @@ class Sample:
     def add_span(self, version: int, start: int, end: int) -> None:
         if end <= start:
             return
-        if self.spans and self.spans[-1].version == version and self.spans[-1].end == start:
-            self.spans[-1].end = end
-        else:
-            self.spans.append(Span(version, start, end))
+        spans = self.spans
+        if spans:
+            last = spans[-1]
+            if last.version == version and last.end == start:
+                last.end = end
+                return
+        spans.append(Span(version, start, end))
 
     def add_weight_versions(self, spans: list | None) -> None:
         """vLLM's base-weight spans of the running segment (offsets into its own
@@ -90,6 +93,7 @@ class Stitcher:
     def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
         self.kind = params.output_kind
+        self._delta = self.kind == RequestOutputKind.DELTA
         self.max_tokens = params.max_tokens
         self.min_tokens = params.min_tokens
         self.samples = [Sample(i) for i in range(params.n)]
@@ -157,7 +161,7 @@ class Stitcher:
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
         rewritten = False  # a finish reason the caller must see differently
-        delta = self.kind == RequestOutputKind.DELTA
+        delta = self._delta
         for c in out.outputs:
             s = self.samples[c.index if index is None else index]
             before = len(s.token_ids)
@@ -176,7 +180,9 @@ class Stitcher:
             if c.cumulative_logprob is not None:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob
             s.add_span(version, before, len(s.token_ids))
-            s.add_weight_versions(getattr(c, "weight_versions", None))
+            weights = getattr(c, "weight_versions", None)  # vLLM's, on a final output
+            if weights:
+                s.add_weight_versions(weights)
             s.stop_reason = c.stop_reason
             if c.finish_reason == ABORT and continuing:
                 rewritten = True

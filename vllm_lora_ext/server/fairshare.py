@@ -113,6 +113,12 @@ class FairShare:
         """Queue ``ticket`` (``front``: a continuation keeps its place in its tenant's
         queue); returns every ticket granted now (maybe this one)."""
         t = self._tenant(ticket.tenant)
+        ticket.front = front
+        if not self.waiting and self._fits(t, ticket.slots):
+            # Nobody waits and it fits: granted as the choice below would (every request
+            # of an engine with room comes here; no queue, no scan of the tenants).
+            self._grant(t, ticket)
+            return [ticket]
         if not t.queue and self.waiting:
             backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
             if backlogged:
@@ -121,7 +127,6 @@ class FairShare:
                 # served backlogged tenant (else B waits for A to catch up on B's past).
                 floor = min(backlogged)
                 t.service = floor if t.running == 0 else max(t.service, floor)
-        ticket.front = front
         # Continuations first, then by priority, then in arrival order.
         key = (not front, ticket.priority)
         at = next(
@@ -214,8 +219,20 @@ class FairShare:
                 break  # a wide request (n) waits for room rather than overfilling
             pick.queue.popleft()
             self.waiting -= 1
-            ticket.granted = True
-            pick.running += ticket.slots
-            self.running += ticket.slots
+            self._grant(pick, ticket)
             granted.append(ticket)
         return granted
+
+    def _fits(self, t: Tenant, slots: int) -> bool:
+        """Whether ``slots`` more of ``t`` may run now (its cap, the room, the reserve)."""
+        cap = t.max_in_flight
+        if not (cap is None or t.running == 0 or t.running + slots <= cap):
+            return False
+        return self.running == 0 or (
+            self.running < self.capacity and self.running + slots <= self.limit(t)
+        )
+
+    def _grant(self, t: Tenant, ticket: Ticket) -> None:
+        ticket.granted = True
+        t.running += ticket.slots
+        self.running += ticket.slots
