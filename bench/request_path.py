@@ -227,7 +227,7 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
             f"{r['q1']:.3f}-{r['q3']:.3f}",
         )
     table.caption = (
-        f"{args.rounds} alternating rounds, each: {args.requests} 1-token completions and "
+        f"{args.rounds} rounds, each: {args.requests} 1-token completions and "
         f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
         f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
         "round's plugin/stock (CI: bootstrap over rounds); ± = half the p10-p90 spread of "

@@ -62,17 +62,6 @@ class Sample:
         self.base_cum = self.cumulative_logprob or 0.0
         self.interrupted = False
 
-    def add_span(self, version: int, start: int, end: int) -> None:
-        if end <= start:
-            return
-        spans = self.spans
-        if spans:
-            last = spans[-1]
-            if last.version == version and last.end == start:
-                last.end = end
-                return
-        spans.append(Span(version, start, end))
-
     def add_weight_versions(self, spans: list | None) -> None:
         """vLLM's base-weight spans of the running segment (offsets into its own
         tokens), kept beside ours: shifted to offsets into the whole sample."""
@@ -179,7 +168,14 @@ class Stitcher:
                     s.logprobs[s.base_tokens :] = list(c.logprobs)
             if c.cumulative_logprob is not None:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob
-            s.add_span(version, before, len(s.token_ids))
+            after = len(s.token_ids)
+            if after > before:  # the span of the version that made them grows, or starts
+                spans = s.spans
+                last = spans[-1] if spans else None
+                if last is not None and last.version == version and last.end == before:
+                    last.end = after
+                else:
+                    spans.append(Span(version, before, after))
             weights = getattr(c, "weight_versions", None)  # vLLM's, on a final output
             if weights:
                 s.add_weight_versions(weights)

@@ -692,6 +692,8 @@ class _Meter:
         self.prompted = False
 
     def tokens(self, out: RequestOutput) -> int:
+        if self.delta and self.prompted:  # most outputs: the new tokens alone
+            return sum([len(c.token_ids) for c in out.outputs])
         n = 0
         if not self.prompted and out.prompt_token_ids:
             n += len(out.prompt_token_ids)
