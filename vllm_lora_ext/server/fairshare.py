@@ -53,10 +53,12 @@ class Tenant:
     order: int = 0  # ties: the tenant seen first
 
     def eligible(self) -> bool:
-        if not self.queue:
-            return False
+        return bool(self.queue) and self.under_cap(self.queue[0].slots)
+
+    def under_cap(self, slots: int) -> bool:
+        """Whether ``slots`` more stay within ``max_in_flight`` (one request always may)."""
         cap = self.max_in_flight
-        return cap is None or self.running == 0 or self.running + self.queue[0].slots <= cap
+        return cap is None or self.running == 0 or self.running + slots <= cap
 
 
 class FairShare:
@@ -215,7 +217,7 @@ class FairShare:
                 break
             pick = min(candidates, key=lambda t: (t.service, t.running, t.order))
             ticket = pick.queue[0]
-            if self.running > 0 and self.running + ticket.slots > self.limit(pick):
+            if not self._room(pick, ticket.slots):
                 break  # a wide request (n) waits for room rather than overfilling
             pick.queue.popleft()
             self.waiting -= 1
@@ -225,9 +227,11 @@ class FairShare:
 
     def _fits(self, t: Tenant, slots: int) -> bool:
         """Whether ``slots`` more of ``t`` may run now (its cap, the room, the reserve)."""
-        cap = t.max_in_flight
-        if not (cap is None or t.running == 0 or t.running + slots <= cap):
-            return False
+        return t.under_cap(slots) and self._room(t, slots)
+
+    def _room(self, t: Tenant, slots: int) -> bool:
+        """Whether the engine has room for ``slots`` more of ``t`` (an empty engine takes
+        any request; otherwise up to ``limit(t)``)."""
         return self.running == 0 or (
             self.running < self.capacity and self.running + slots <= self.limit(t)
         )
