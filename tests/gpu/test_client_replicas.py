@@ -150,6 +150,7 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
         assert after[home][1] - before[home][1] >= 3 * (prompt_len // 2)  # 3 of 4 hit
 
         # A long sample, aborted mid-way where it runs, continues where its prefix is.
+        made = {u: vllm_metric(u, "vllm:generation_tokens_total") for u in urls}
         sample = asyncio.create_task(
             rc.sample_with_retry(
                 "meow", prompt=long_prompt, max_tokens=1500, ignore_eos=True, temperature=0
@@ -168,7 +169,12 @@ async def test_a_group_and_its_continuations_stay_where_their_prefix_is(
                     break
                 await asyncio.sleep(0.02)
             (made_on,) = where
-            await asyncio.sleep(0.3)  # some tokens are made
+            for _ in range(600):  # some tokens are made (a state that lasts, not a time)
+                if vllm_metric(made_on, "vllm:generation_tokens_total") >= made[made_on] + 2:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the long sample made no tokens in 30 s")
             mark = {u: prefix_cache(u) for u in urls}
             r = await c.post(f"{made_on}/skyrl/v1/abort_lora_requests", json={"lora_name": "meow"})
             assert r.json()["aborted"] == 1, r.text

@@ -180,13 +180,17 @@ def test_tp2_replica_runs_in_its_placement_group_with_per_adapter_control(toy):
                 assert httpx.post(f"{url}/skyrl/v1/resume", json={"lora_name": "meow"}).is_success
                 assert set(words(held.result(timeout=120)["choices"][0]["text"])) == {"woof"}
             # Per-adapter abort: woof's long request ends now, meow keeps serving.
+            # Abort once it has made tokens (the engine's own counter: in flight alone
+            # can still be before its first token on two starved cores).
+            made = vllm_metric(url, "vllm:generation_tokens_total")
             with ThreadPoolExecutor(1) as pool:
                 long = pool.submit(complete, url, "woof", 3000)
-                for _ in range(400):
-                    loras = httpx.get(f"{url}/skyrl/v1/loras").json()["adapters"]
-                    if {a["lora_name"]: a["in_flight"] for a in loras}.get("woof") == 1:
+                for _ in range(600):
+                    if vllm_metric(url, "vllm:generation_tokens_total") >= made + 2:
                         break
                     time.sleep(0.05)
+                else:
+                    raise AssertionError("woof's long request made no tokens in 30 s")
                 aborted = httpx.post(
                     f"{url}/skyrl/v1/abort_lora_requests", json={"lora_name": "woof"}
                 ).json()
