@@ -105,7 +105,20 @@ def app() -> Starlette:
                 live[0].finish_reason = "length"  # the gate records it before the chunk
                 yield chunk("", "length") + "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            async def two_choices():
+                # A chunk of choice 0 that carries choice 1 too (vLLM sends one choice
+                # per chunk; this one must still be read whole, not passed as is).
+                yield chunk("a")
+                live[0].spans[-1].end = 2
+                yield chunk("b")
+                second = samples([(7, 0, 1)])[0]
+                second.index = 1
+                book.track("cmpl-s-1", [second], admitted=7)
+                both = chunk("c")[:-4] + ',{"index":1,"text":"z","finish_reason":null}]}\n\n'
+                yield both
+
+            stream = two_choices if body.get("two_choices") else events
+            return StreamingResponse(stream(), media_type="text/event-stream")
         return JSONResponse({"id": body["id"], "choices": [{"index": 0, "text": "ab"}]})
 
     return Starlette(
@@ -151,6 +164,17 @@ async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
             [v7, v8, {"version": 9, "start": 4, "end": 5}],
             [v7, v8, {"version": 9, "start": 4, "end": 5}],
         ]
+
+
+async def test_a_chunk_with_a_second_choice_is_annotated_for_it():
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        body = {"stream": True, "two_choices": True}
+        async with c.stream("POST", "/v1/completions", json=body) as s:
+            lines = [ln async for ln in s.aiter_lines() if ln.startswith("data: {")]
+    last = json.loads(lines[-1][6:])["choices"]
+    assert [c["text"] for c in last] == ["c", "z"]
+    assert last[1]["lora_versions"] == [{"version": 7, "start": 0, "end": 1}]
 
 
 async def test_requests_sharing_an_id_never_see_each_others_spans():

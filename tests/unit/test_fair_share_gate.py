@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from fakes import FakeEngine, track, write_adapter
+from fakes import PROMPT_IDS, FakeEngine, track, write_adapter
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -171,3 +171,42 @@ async def test_fair_share_off_is_first_come_first_served(tmp_path):
     await settle()
     assert len(engine.engine_core.admitted) == 5
     await step_until(engine, lambda: all(t.done() for t in tasks))
+
+
+async def test_a_tenant_is_charged_its_prompt_once_and_every_token(tmp_path):
+    """Service = prompt tokens (once per request, and again for each continuation's
+    prompt: its tokens so far are prefilled again) + generated tokens, whatever the
+    output kind and n."""
+    manager, engine = await make(tmp_path, seqs=4)
+    prompt = len(PROMPT_IDS)
+
+    def service(name: str) -> int:
+        return manager.tenants()[name]["service_tokens"]
+
+    for i, (kind, n) in enumerate(
+        [(k, n) for k in RequestOutputKind for n in (1, 2)]  # CUMULATIVE, DELTA, FINAL_ONLY
+    ):
+        before = service("A") if "A" in manager.tenants() else 0
+        params = SamplingParams(max_tokens=100, n=n, output_kind=kind)
+        lora = LoRARequest("A", 1, "/alias")
+
+        async def go(params=params, lora=lora, rid=f"c{i}"):
+            return [o async for o in engine.generate("p", params, rid, lora_request=lora)]
+
+        task = asyncio.create_task(go())
+        await step_until(engine, task.done)
+        assert service("A") - before == prompt + n * 4, (kind, n)
+
+    # A continuation: its prompt (the prompt and the k tokens made so far) is charged.
+    first = start(engine, "k0", "B")
+    await settle()
+    engine.step()
+    await settle()
+    await manager.pause("B", "keep", None)
+    await settle()
+    made = service("B") - prompt
+    assert 0 < made < 4
+    manager.resume("B")
+    await step_until(engine, first.done)
+    assert len((await first)[-1].outputs[0].token_ids) == 4
+    assert service("B") == prompt + 4 + (prompt + made)

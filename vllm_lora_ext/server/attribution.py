@@ -282,10 +282,11 @@ class _Annotating:
             and not self.tail
         ):
             body = message.get("body", b"")
+            prefix = self.prefix
             if (
-                body.startswith(self.prefix)  # this stream's chunk of choice 0
+                body.startswith(prefix)  # this stream's chunk of choice 0
                 and body.endswith(b"\n\n")
-                and body.count(_INDEX_KEY) == 1  # of it alone
+                and body.find(_INDEX_KEY, len(prefix)) < 0  # of it alone
             ):
                 return self._send(message)
         return self._handle(message)

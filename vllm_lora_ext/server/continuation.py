@@ -94,6 +94,9 @@ class Stitcher:
         self._emitted = False
         self._stopped = False  # a sample of the first segment was stopped to continue
         self._params = params
+        # Tokens the last output absorbed added (the prompt's too, on the first): what
+        # the request's tenant is charged for it, counted here rather than again.
+        self.added = 0
 
     @functools.cached_property
     def not_continuable(self) -> str | None:
@@ -143,12 +146,14 @@ class Stitcher:
 
         ``continuing``: an ``abort`` finish is a keep-mode interruption, not an end.
         """
+        added = 0
         if self.first is None:
             self.first = out
             self.prompt = out.prompt
             self.prompt_token_ids = list(out.prompt_token_ids or []) or None
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
+            added = len(self.prompt_token_ids or ())
         rewritten = False  # a finish reason the caller must see differently
         delta = self._delta
         for c in out.outputs:
@@ -170,6 +175,7 @@ class Stitcher:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob
             after = len(s.token_ids)
             if after > before:  # the span of the version that made them grows, or starts
+                added += after - before
                 spans = s.spans
                 last = spans[-1] if spans else None
                 if last is not None and last.version == version and last.end == before:
@@ -192,6 +198,7 @@ class Stitcher:
                     s.finish_reason = None
             else:
                 s.finish_reason = c.finish_reason
+        self.added = added
         if index is None and not rewritten and not self._stopped:
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).

@@ -52,6 +52,11 @@ class Tenant:
     queue: deque[Ticket] = field(default_factory=deque)
     order: int = 0  # ties: the tenant seen first
 
+    def charge(self, tokens: int) -> None:
+        """Service received: prompt tokens once, generated tokens as they come."""
+        self.tokens += tokens
+        self.service += tokens / self.weight
+
     def eligible(self) -> bool:
         return bool(self.queue) and self.under_cap(self.queue[0].slots)
 
@@ -170,8 +175,7 @@ class FairShare:
         """Service received: prompt tokens once, generated tokens as they come."""
         t = self.tenants.get(tenant)
         if t is not None and tokens > 0:
-            t.tokens += tokens
-            t.service += tokens / t.weight
+            t.charge(tokens)
 
     # ---- views ----------------------------------------------------------------------------
     def queued(self, tenant: str) -> int:

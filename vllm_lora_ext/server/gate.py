@@ -48,7 +48,7 @@ from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, LoraExtError
 from vllm_lora_ext.server import attribution, metrics
 from vllm_lora_ext.server.continuation import Stitcher
-from vllm_lora_ext.server.fairshare import FairShare, Ticket
+from vllm_lora_ext.server.fairshare import FairShare, Tenant, Ticket
 from vllm_lora_ext.server.registry import (
     Adapter,
     Flight,
@@ -221,6 +221,11 @@ class Gate:
             return None
         return ticket
 
+    def _account(self, tenant: str) -> Tenant | None:
+        """The tenant's counter, to charge a flight's tokens to (it stays while the
+        flight holds a share: a tenant with requests running is never dropped)."""
+        return self.share.tenants.get(tenant) if self.share is not None else None
+
     def _give_back(self, ticket: Ticket | None) -> None:
         if ticket is not None and self.share is not None:
             self._wake(self.share.release(ticket))
@@ -354,17 +359,18 @@ class Gate:
             )
             # The first segment (every request has one; its samples are fresh, nothing to
             # start) is read here, vLLM's own generator directly: each generator layer of
-            # ours cost every streamed token a hop and every request an allocation.
-            share, meter, name = self.share, _Meter(sampling_params.output_kind), flight.name
+            # ours cost every streamed token a hop and every request an allocation. The
+            # tenant is charged what the stitcher counted (one call per output).
+            account = self._account(flight.name)
             number = flight.version.number
             seg, gen = self._open_segment(flight, prompt, sampling_params, request_id, kwargs)
             ended = False
             try:
                 out = await self._first_output(seg, gen)
                 while out is not None:
-                    if share is not None:
-                        share.charge(name, meter.tokens(out))
                     seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
+                    if account is not None:
+                        account.charge(stitcher.added)
                     if seen is not None:
                         yield seen
                     out = await anext(gen, None)
@@ -618,15 +624,16 @@ class Gate:
                 for g in indices
             ]
             stitcher.start_segment(indices)
-            meters = [_Meter(params.output_kind) for _ in gens]
-            share = self.share
+            account = self._account(flight.name)
+            if account is not None:  # each continuation's prompt: its tokens so far too
+                account.charge(sum(len(stitcher.continuation_prompt(g)) for g in indices))
             async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
                 async for i, out in merged:
-                    if share is not None:
-                        share.charge(flight.name, meters[i].tokens(out))
                     seen = stitcher.absorb(
                         out, indices[i], version.number, flight.interrupt == "continue"
                     )
+                    if account is not None:
+                        account.charge(stitcher.added)
                     if seen is not None:
                         yield seen
 
