@@ -13,12 +13,19 @@ Why it can resolve a few percent on two noisy cores:
   run). Loading them one after the other (``--alternate``, the order drawn per round)
   pairs rounds seconds apart: its intervals were 2-3x wider here (+-4-6 % over 40
   rounds against +-1-2 % over 24);
+- a server process carries its own bias (its memory layout and hash seed: two stock
+  servers measured against each other came out 0.98-1.00 per token, each run with an
+  interval of +-0.5 %): so the run starts several sets of fresh servers one after the
+  other (``--pairs``), and the interval resamples the sets, then each set's rounds.
+  ``--control`` adds a second stock server to each set, measured as the plugin is: the
+  method's own bias, shown beside the result;
 - each API process is pinned to core 0, its engine's OpenMP threads and the client to
   core 1, so an API process never shares its core with a spinning engine (``--no-pin``
   turns this off); loaded at once, the two API processes share core 0 (so their
   absolute costs are higher than alone: the ratio is the result).
 
-Usage: ``.venv/bin/python bench/request_path.py [--rounds 40] [--record bench/RESULTS.md]``.
+Usage: ``.venv/bin/python bench/request_path.py [--pairs 4 --rounds 8] [--control]
+[--record bench/RESULTS.md]``.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ async def batch(c: httpx.AsyncClient, n: int, concurrency: int, tokens: int, str
 
 
 async def measure(
-    servers: dict[str, ServerProcess], args: argparse.Namespace
+    servers: dict[str, ServerProcess], args: argparse.Namespace, seed: int
 ) -> dict[str, dict[str, list[float]]]:
     """Per kind (request, token) and server: API CPU ms per unit, one value per round."""
     out: dict[str, dict[str, list[float]]] = {
@@ -130,7 +137,7 @@ async def measure(
         )
         for name, s in servers.items()
     }
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
 
     async def one(name: str, n: int, tokens: int, stream: bool) -> tuple[str, float, float, int]:
         """One batch on one server: (name, API CPU ms, its user part, units served)."""
@@ -176,28 +183,51 @@ async def measure(
 
 def bootstrap_median(xs: list[float], seed: int, draws: int = 4000) -> tuple[float, float]:
     """95% interval of the median of ``xs`` (rounds resampled with replacement)."""
+    return bootstrap_pairs([xs], seed, draws)
+
+
+def bootstrap_pairs(pairs: list[list[float]], seed: int, draws: int = 4000) -> tuple[float, float]:
+    """95% interval of the median ratio, resampling the server pairs and then the rounds
+    of each pair drawn: a process's own bias (its memory layout, hash seed; about +-1.5 %
+    here, the same for all its rounds) is then in the interval, which resampling the
+    rounds of one pair alone cannot show."""
     rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    meds = []
+    for _ in range(draws):
+        drawn = [x for p in rng.choices(pairs, k=len(pairs)) for x in rng.choices(p, k=len(p))]
+        meds.append(statistics.median(drawn))
+    meds.sort()
     return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
 
 
-def summarize(out: dict[str, dict[str, list[float]]], seed: int) -> dict[str, dict[str, float]]:
+def summarize(runs: list[dict[str, dict[str, list[float]]]], seed: int) -> dict[str, dict]:
+    """``runs``: one measurement per set of servers. Per kind, and per server measured
+    against stock (the plugin; with ``--control``, another stock server too)."""
     res = {}
-    for kind, d in out.items():
-        ratios = [o / s for o, s in zip(d["plugin"], d["stock"], strict=True)]
-        lo, hi = bootstrap_median(ratios, seed)
-        q = statistics.quantiles(ratios, n=4)
-        res[kind] = {
-            "stock": statistics.median(d["stock"]),
-            "plugin": statistics.median(d["plugin"]),
-            "stock_spread": _spread(d["stock"]),
-            "plugin_spread": _spread(d["plugin"]),
-            "ratio": statistics.median(ratios),
-            "lo": lo,
-            "hi": hi,
-            "q1": q[0],
-            "q3": q[2],
-        }
+    for kind in runs[0]:
+        for name in runs[0][kind]:
+            if name == "stock":
+                continue
+            per_pair = [
+                [o / s for o, s in zip(r[kind][name], r[kind]["stock"], strict=True)] for r in runs
+            ]
+            ratios = [x for p in per_pair for x in p]
+            stock = [x for r in runs for x in r[kind]["stock"]]
+            this = [x for r in runs for x in r[kind][name]]
+            lo, hi = bootstrap_pairs(per_pair, seed)
+            q = statistics.quantiles(ratios, n=4)
+            res[f"{kind}/{name}"] = {
+                "stock": statistics.median(stock),
+                "this": statistics.median(this),
+                "stock_spread": _spread(stock),
+                "this_spread": _spread(this),
+                "ratio": statistics.median(ratios),
+                "lo": lo,
+                "hi": hi,
+                "q1": q[0],
+                "q3": q[2],
+                "pairs": [statistics.median(p) for p in per_pair],
+            }
     return res
 
 
@@ -209,30 +239,52 @@ def _spread(xs: list[float]) -> float:
 
 def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
     table = Table(title="API-process CPU per request and per streamed token, plugin over stock")
-    for col in ("unit", "stock ms", "plugin ms", "plugin/stock", "95% CI", "IQR of rounds"):
-        table.add_column(col, justify="right")
-    for kind, label in (
-        ("request", "1-token request"),
-        ("token", "streamed token"),
-        ("request (user)", "request, user time"),
-        ("token (user)", "token, user time"),
+    for col in (
+        "unit",
+        "stock ms",
+        "plugin (control) ms",
+        "plugin/stock",
+        "95% CI",
+        "IQR of rounds",
+        "each pair",
     ):
-        r = res[kind]
-        table.add_row(
-            label,
-            f"{r['stock']:.3f} (±{r['stock_spread'] / 2:.0%})",
-            f"{r['plugin']:.3f} (±{r['plugin_spread'] / 2:.0%})",
-            f"{r['ratio']:.3f}",
-            f"{r['lo']:.3f}-{r['hi']:.3f}",
-            f"{r['q1']:.3f}-{r['q3']:.3f}",
-        )
+        table.add_column(col, justify="right")
+    for name, prefix in (("plugin", ""), ("control", "control: ")):
+        for kind, label in (
+            ("request", "1-token request"),
+            ("token", "streamed token"),
+            ("request (user)", "request, user time"),
+            ("token (user)", "token, user time"),
+        ):
+            r = res.get(f"{kind}/{name}")
+            if r is None or (name == "control" and "user" in kind):
+                continue
+            table.add_row(
+                prefix + label,
+                f"{r['stock']:.3f} (±{r['stock_spread'] / 2:.0%})",
+                f"{r['this']:.3f} (±{r['this_spread'] / 2:.0%})",
+                f"{r['ratio']:.3f}",
+                f"{r['lo']:.3f}-{r['hi']:.3f}",
+                f"{r['q1']:.3f}-{r['q3']:.3f}",
+                " ".join(f"{x:.3f}" for x in r["pairs"]),
+            )
     table.caption = (
-        f"{args.rounds} rounds, each: {args.requests} 1-token completions and "
+        f"{args.pairs} sets of fresh servers x {args.rounds} rounds, each round: "
+        f"{args.requests} 1-token completions and "
         f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
         f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
-        "round's plugin/stock (CI: bootstrap over rounds); ± = half the p10-p90 spread of "
+        "round's plugin/stock (CI: bootstrap over sets, then over each set's rounds; "
+        "each set: its median); ± = half the p10-p90 spread of "
         f"a server's rounds. Pinned: {not args.no_pin}. Servers loaded "
-        f"{'one after the other' if args.alternate else 'at once'}. Fair share on. User time: "
+        f"{'one after the other' if args.alternate else 'at once'}. "
+        + "Fair share on. "
+        + (
+            "Control: a second stock server in each set, measured as the plugin is (the "
+            "method's own bias: 1.00 within its interval when it has none). "
+            if args.control
+            else ""
+        )
+        + "User time: "
         "without the kernel's part (on loopback a write also runs the client's TCP "
         "receive), at clock-tick resolution."
     )
@@ -245,9 +297,43 @@ def engine_args(toy, port: int) -> list[str]:
     return cmd
 
 
+def run_pair(
+    toy, logs: Path, args: argparse.Namespace, pair: int
+) -> dict[str, dict[str, list[float]]]:
+    """Start fresh servers (stock, plugin, and with ``--control`` a second stock one; the
+    start order changes per pair), measure them together, stop them."""
+    logs.mkdir(parents=True)
+    env = {} if args.no_pin else {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    order = [("stock", ""), ("plugin", "lora_ext")] + ([("control", "")] if args.control else [])
+    order = order[pair % len(order) :] + order[: pair % len(order)]
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name, plugins in order:
+            port = free_port()
+            servers[name] = start_server(
+                engine_args(toy, port), port, logs / f"{name}.log", {**env, "VLLM_PLUGINS": plugins}
+            )
+            warm_up(servers[name].url, [MODEL])
+        if not args.no_pin:
+            for s in servers.values():
+                pin(s, api_core=0, engine_core=1)
+            os.sched_setaffinity(0, {1})
+        print(f"pair {pair + 1}/{args.pairs}", flush=True)
+        return asyncio.run(measure(servers, args, args.seed + pair))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=10, help="per pair of servers")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help="fresh server pairs, one after the other (a process's own bias is per pair)",
+    )
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-tokens", type=int, default=64)
@@ -259,28 +345,18 @@ def main() -> None:
         action="store_true",
         help="load one server at a time (the order drawn per round) instead of both at once",
     )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="a second stock server in each set, measured as the plugin is (an A/A "
+        "control: the method's own bias)",
+    )
     p.add_argument("--record", type=Path)
     args = p.parse_args()
     toy = build_toy_assets()
     logs = Path(tempfile.mkdtemp(prefix="request_path_"))
-    env = {} if args.no_pin else {"VLLM_CPU_OMP_THREADS_BIND": "1"}
-    servers: dict[str, ServerProcess] = {}
-    try:
-        for name, plugins in (("stock", ""), ("plugin", "lora_ext")):
-            port = free_port()
-            servers[name] = start_server(
-                engine_args(toy, port), port, logs / f"{name}.log", {**env, "VLLM_PLUGINS": plugins}
-            )
-            warm_up(servers[name].url, [MODEL])
-        if not args.no_pin:
-            for s in servers.values():
-                pin(s, api_core=0, engine_core=1)
-            os.sched_setaffinity(0, {1})
-        out = asyncio.run(measure(servers, args))
-    finally:
-        for s in servers.values():
-            s.stop()
-    table = render(summarize(out, args.seed), args)
+    runs = [run_pair(toy, logs / str(pair), args, pair) for pair in range(args.pairs)]
+    table = render(summarize(runs, args.seed), args)
     Console().print(table)
     if args.record:
         record(args.record, "request_path", table)
