@@ -133,7 +133,11 @@ async def measure(
     }
     clients = {
         name: httpx.AsyncClient(
-            base_url=s.url, timeout=300, limits=httpx.Limits(max_connections=args.concurrency)
+            base_url=s.url,
+            timeout=300,
+            # Idle connections dropped before uvicorn's keep-alive timeout (5 s) closes
+            # them under a request reusing one (a round can leave a client idle that long).
+            limits=httpx.Limits(max_connections=args.concurrency, keepalive_expiry=1),
         )
         for name, s in servers.items()
     }
