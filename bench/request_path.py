@@ -250,7 +250,7 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
         "plugin/stock",
         "95% CI",
         "IQR of rounds",
-        "each pair",
+        "each set",
     ):
         table.add_column(col, justify="right")
     for name, prefix in (("plugin", ""), ("control", "control: ")):
