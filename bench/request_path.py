@@ -322,7 +322,7 @@ def run_pair(
             for s in servers.values():
                 pin(s, api_core=0, engine_core=1)
             os.sched_setaffinity(0, {1})
-        print(f"pair {pair + 1}/{args.pairs}", flush=True)
+        print(f"set {pair + 1}/{args.pairs}", flush=True)
         return asyncio.run(measure(servers, args, args.seed + pair))
     finally:
         for s in servers.values():
@@ -331,12 +331,12 @@ def run_pair(
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=10, help="per pair of servers")
+    p.add_argument("--rounds", type=int, default=8, help="per set of servers")
     p.add_argument(
         "--pairs",
         type=int,
-        default=3,
-        help="fresh server pairs, one after the other (a process's own bias is per pair)",
+        default=4,
+        help="sets of fresh servers, one after the other (a process's own bias is per set)",
     )
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--streams", type=int, default=32)
