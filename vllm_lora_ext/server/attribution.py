@@ -324,15 +324,16 @@ class _Annotating:
                 spliced = None
                 if body.startswith(b"data: {"):  # spliced in place, no copies
                     spliced = _splice(body, self.book, False, 6, self.sent)
-                if spliced is None:
+                if spliced is None:  # the parsing path (it learns the prefix too)
                     event = body[:-2]
                     out = self._event(event)
                     if out is not event:
                         message = {**message, "body": out + b"\n\n"}
-                elif spliced[0] is not body:
-                    message = {**message, "body": spliced[0]}
-                if self.lead is not None:
-                    self._learn(body)
+                else:
+                    if spliced[0] is not body:
+                        message = {**message, "body": spliced[0]}
+                    if self.lead is not None:
+                        self._learn(body)
                 await self._send(message)
                 return
         events = (self.tail + body).split(b"\n\n")

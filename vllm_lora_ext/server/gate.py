@@ -611,22 +611,23 @@ class Gate:
             self.registry.rebind(flight)
             self._settle(flight.name)
             version = flight.version
+            prompts = [stitcher.continuation_prompt(g) for g in indices]
             # Continuations keep the caller's external id: vLLM's abort routes by id
             # reach them as they reach the first segment.
             gens = [
                 self._segment(
                     flight,
-                    TokensPrompt(prompt_token_ids=stitcher.continuation_prompt(g)),
+                    TokensPrompt(prompt_token_ids=ids),
                     stitcher.continuation_params(params, g),
                     request_id,
                     cont_kwargs,
                 )
-                for g in indices
+                for g, ids in zip(indices, prompts, strict=True)
             ]
             stitcher.start_segment(indices)
             account = self._account(flight.name)
             if account is not None:  # each continuation's prompt: its tokens so far too
-                account.charge(sum(len(stitcher.continuation_prompt(g)) for g in indices))
+                account.charge(sum(len(ids) for ids in prompts))
             async with contextlib.aclosing(merge_async_iterators(*gens)) as merged:
                 async for i, out in merged:
                     seen = stitcher.absorb(
