@@ -16,7 +16,7 @@ Why it can resolve a few percent on two noisy cores:
 - a server process carries its own bias (its memory layout and hash seed: two stock
   servers measured against each other came out 0.98-1.00 per token, each run with an
   interval of +-0.5 %): so the run starts several sets of fresh servers one after the
-  other (``--pairs``), and the interval resamples the sets, then each set's rounds.
+  other (``--sets``), and the interval resamples the sets, then each set's rounds.
   ``--control`` adds a second stock server to each set, measured as the plugin is: the
   method's own bias, shown beside the result;
 - each API process is pinned to core 0, its engine's OpenMP threads and the client to
@@ -24,7 +24,7 @@ Why it can resolve a few percent on two noisy cores:
   turns this off); loaded at once, the two API processes share core 0 (so their
   absolute costs are higher than alone: the ratio is the result).
 
-Usage: ``.venv/bin/python bench/request_path.py [--pairs 4 --rounds 8] [--control]
+Usage: ``.venv/bin/python bench/request_path.py [--sets 4 --rounds 8] [--control]
 [--record bench/RESULTS.md]``.
 """
 
@@ -185,20 +185,15 @@ async def measure(
     return out
 
 
-def bootstrap_median(xs: list[float], seed: int, draws: int = 4000) -> tuple[float, float]:
-    """95% interval of the median of ``xs`` (rounds resampled with replacement)."""
-    return bootstrap_pairs([xs], seed, draws)
-
-
-def bootstrap_pairs(pairs: list[list[float]], seed: int, draws: int = 4000) -> tuple[float, float]:
-    """95% interval of the median ratio, resampling the server pairs and then the rounds
-    of each pair drawn: a process's own bias (its memory layout, hash seed; about +-1.5 %
-    here, the same for all its rounds) is then in the interval, which resampling the
-    rounds of one pair alone cannot show."""
+def bootstrap_sets(sets: list[list[float]], seed: int, draws: int = 4000) -> tuple[float, float]:
+    """95% interval of the median ratio, resampling the sets of servers and then the
+    rounds of each set drawn: a process's own bias (its memory layout, hash seed; about
+    +-2 % here, the same for all its rounds) is then in the interval, which resampling
+    the rounds of one set alone cannot show."""
     rng = random.Random(seed)
     meds = []
     for _ in range(draws):
-        drawn = [x for p in rng.choices(pairs, k=len(pairs)) for x in rng.choices(p, k=len(p))]
+        drawn = [x for p in rng.choices(sets, k=len(sets)) for x in rng.choices(p, k=len(p))]
         meds.append(statistics.median(drawn))
     meds.sort()
     return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
@@ -212,13 +207,13 @@ def summarize(runs: list[dict[str, dict[str, list[float]]]], seed: int) -> dict[
         for name in runs[0][kind]:
             if name == "stock":
                 continue
-            per_pair = [
+            per_set = [
                 [o / s for o, s in zip(r[kind][name], r[kind]["stock"], strict=True)] for r in runs
             ]
-            ratios = [x for p in per_pair for x in p]
+            ratios = [x for p in per_set for x in p]
             stock = [x for r in runs for x in r[kind]["stock"]]
             this = [x for r in runs for x in r[kind][name]]
-            lo, hi = bootstrap_pairs(per_pair, seed)
+            lo, hi = bootstrap_sets(per_set, seed)
             q = statistics.quantiles(ratios, n=4)
             res[f"{kind}/{name}"] = {
                 "stock": statistics.median(stock),
@@ -230,7 +225,7 @@ def summarize(runs: list[dict[str, dict[str, list[float]]]], seed: int) -> dict[
                 "hi": hi,
                 "q1": q[0],
                 "q3": q[2],
-                "pairs": [statistics.median(p) for p in per_pair],
+                "sets": [statistics.median(p) for p in per_set],
             }
     return res
 
@@ -270,10 +265,10 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
                 f"{r['ratio']:.3f}",
                 f"{r['lo']:.3f}-{r['hi']:.3f}",
                 f"{r['q1']:.3f}-{r['q3']:.3f}",
-                " ".join(f"{x:.3f}" for x in r["pairs"]),
+                " ".join(f"{x:.3f}" for x in r["sets"]),
             )
     table.caption = (
-        f"{args.pairs} sets of fresh servers x {args.rounds} rounds, each round: "
+        f"{args.sets} sets of fresh servers x {args.rounds} rounds, each round: "
         f"{args.requests} 1-token completions and "
         f"{args.streams} streams of {args.stream_tokens} tokens on adapter '{MODEL}', "
         f"{args.concurrency} concurrent, per server; ratio = median over rounds of the "
@@ -301,15 +296,15 @@ def engine_args(toy, port: int) -> list[str]:
     return cmd
 
 
-def run_pair(
-    toy, logs: Path, args: argparse.Namespace, pair: int
+def run_set(
+    toy, logs: Path, args: argparse.Namespace, number: int
 ) -> dict[str, dict[str, list[float]]]:
     """Start fresh servers (stock, plugin, and with ``--control`` a second stock one; the
-    start order changes per pair), measure them together, stop them."""
+    start order changes per set), measure them together, stop them."""
     logs.mkdir(parents=True)
     env = {} if args.no_pin else {"VLLM_CPU_OMP_THREADS_BIND": "1"}
     order = [("stock", ""), ("plugin", "lora_ext")] + ([("control", "")] if args.control else [])
-    order = order[pair % len(order) :] + order[: pair % len(order)]
+    order = order[number % len(order) :] + order[: number % len(order)]
     servers: dict[str, ServerProcess] = {}
     try:
         for name, plugins in order:
@@ -322,8 +317,8 @@ def run_pair(
             for s in servers.values():
                 pin(s, api_core=0, engine_core=1)
             os.sched_setaffinity(0, {1})
-        print(f"set {pair + 1}/{args.pairs}", flush=True)
-        return asyncio.run(measure(servers, args, args.seed + pair))
+        print(f"set {number + 1}/{args.sets}", flush=True)
+        return asyncio.run(measure(servers, args, args.seed + number))
     finally:
         for s in servers.values():
             s.stop()
@@ -333,6 +328,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=8, help="per set of servers")
     p.add_argument(
+        "--sets",
         "--pairs",
         type=int,
         default=4,
@@ -359,7 +355,7 @@ def main() -> None:
     args = p.parse_args()
     toy = build_toy_assets()
     logs = Path(tempfile.mkdtemp(prefix="request_path_"))
-    runs = [run_pair(toy, logs / str(pair), args, pair) for pair in range(args.pairs)]
+    runs = [run_set(toy, logs / str(i), args, i) for i in range(args.sets)]
     table = render(summarize(runs, args.seed), args)
     Console().print(table)
     if args.record:
