@@ -224,9 +224,11 @@ def _header(message: Message, name: bytes) -> bytes | None:
     return None
 
 
-def _set_header(message: Message, name: bytes, value: str) -> None:
-    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != name]
-    headers.append((name, value.encode("latin-1")))
+def _set_headers(message: Message, values: dict[bytes, str]) -> None:
+    """Set (replace) headers, named in lower case: one pass over the others."""
+    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in values]
+    for name, value in values.items():
+        headers.append((name, value.encode("latin-1")))
     message["headers"] = headers
 
 
@@ -311,9 +313,10 @@ class _Annotating:
             return
         out, version, _ = annotate_body(b"".join(self.chunks), self.book)
         assert self.start is not None
+        values = {b"content-length": str(len(out))}
         if version is not None:
-            _set_header(self.start, _VERSION_KEY, str(version))
-        _set_header(self.start, b"content-length", str(len(out)))
+            values[_VERSION_KEY] = str(version)
+        _set_headers(self.start, values)
         await self._send(self.start)
         await self._send({"type": "http.response.body", "body": out, "more_body": False})
 
@@ -348,7 +351,7 @@ class _Annotating:
         if self.start is not None:
             admitted = self.book.admitted(self.response_id) if self.response_id else None
             if admitted is not None:
-                _set_header(self.start, _VERSION_KEY, str(admitted))
+                _set_headers(self.start, {_VERSION_KEY: str(admitted)})
             await self._send(self.start)
             self.start = None
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": more})

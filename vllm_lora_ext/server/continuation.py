@@ -8,7 +8,6 @@ response whose tokens, text and logprobs are the concatenation, in whatever
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import zlib
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from vllm_lora_ext.compat import (
 ABORT = "abort"
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     """Tokens ``[start, end)`` of one sample were produced by adapter version ``version``."""
 
@@ -33,7 +32,7 @@ class Span:
     end: int
 
 
-@dataclass
+@dataclass(slots=True)  # read and written per streamed token
 class Sample:
     index: int
     token_ids: list[int] = field(default_factory=list)
@@ -68,12 +67,15 @@ class Sample:
         if not spans:
             return
         kept = self.weight_versions = self.weight_versions or []
-        for span in spans:
-            start, end = span.start + self.base_tokens, span.end + self.base_tokens
+        base = self.base_tokens
+        for span in spans:  # vLLM's spans are never changed in place, here or there
+            start, end = span.start + base, span.end + base
             if kept and kept[-1].version == span.version and kept[-1].end == start:
-                kept[-1] = dataclasses.replace(kept[-1], end=end)
-            else:
-                kept.append(dataclasses.replace(span, start=start, end=end))
+                kept[-1] = type(span)(version=span.version, start=kept[-1].start, end=end)
+            elif base:
+                kept.append(type(span)(version=span.version, start=start, end=end))
+            else:  # the first segment's, as vLLM made it
+                kept.append(span)
 
 
 class Stitcher:
@@ -182,11 +184,15 @@ class Stitcher:
                     last.end = after
                 else:
                     spans.append(Span(version, before, after))
+            s.stop_reason = c.stop_reason
+            finish = c.finish_reason
+            if finish is None:  # most outputs: one token more
+                s.finish_reason = None
+                continue
             weights = getattr(c, "weight_versions", None)  # vLLM's, on a final output
             if weights:
                 s.add_weight_versions(weights)
-            s.stop_reason = c.stop_reason
-            if c.finish_reason == ABORT and continuing:
+            if finish == ABORT and continuing:
                 rewritten = True
                 if self.remaining(s.index) == 0:
                     s.finish_reason = "length"
@@ -197,7 +203,7 @@ class Stitcher:
                     s.interrupted = self._stopped = True
                     s.finish_reason = None
             else:
-                s.finish_reason = c.finish_reason
+                s.finish_reason = finish
         self.added = added
         if index is None and not rewritten and not self._stopped:
             # Nothing was stopped: the engine's own output is exactly what the caller

@@ -321,7 +321,7 @@ class Gate:
         lora_request: LoRARequest | None = None,
         **kwargs: Any,
     ) -> AsyncGenerator[RequestOutput, None]:
-        if not await self._wait_all_released():
+        if self._all_held is not None and not await self._wait_all_released():
             raise http_error(
                 AdapterBusyError(
                     "the server is paused for a weight update (held "
@@ -367,13 +367,18 @@ class Gate:
             ended = False
             try:
                 out = await self._first_output(seg, gen)
-                while out is not None:
+                if out is not None:
                     seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
                     if account is not None:
                         account.charge(stitcher.added)
                     if seen is not None:
                         yield seen
-                    out = await anext(gen, None)
+                    async for out in gen:  # as the first (not anext: a wrapper per token)
+                        seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
+                        if account is not None:
+                            account.charge(stitcher.added)
+                        if seen is not None:
+                            yield seen
                 ended = True
             finally:
                 await self._close_segment(seg, gen, ended)
