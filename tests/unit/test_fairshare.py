@@ -147,6 +147,23 @@ def test_settings_are_validated():
         FairShare(0)
 
 
+def test_a_new_weight_applies_to_the_tokens_after_it_and_a_lift_keeps_the_count():
+    """The counter is derived from the tokens received (a charge is one addition, per
+    streamed token): what came before a weight change keeps the weight it came under."""
+    fs = FairShare(2)
+    fs.submit(Ticket("A"))
+    a = fs.tenants["A"]
+    a.tokens += 10
+    assert a.service == 10
+    fs.configure("A", weight=2.0)
+    assert a.service == 10  # not 5: those tokens were served at weight 1
+    a.charge(10)
+    assert a.service == 15 and a.tokens == 20
+    a.service = 100.0  # VTC's lift moves the counter...
+    a.tokens += 4
+    assert a.service == 102 and a.tokens == 24  # ...not what it received
+
+
 def test_priorities_keep_their_meaning_within_a_tenant():
     fs = FairShare(1)
     fs.submit(Ticket("A"))  # runs

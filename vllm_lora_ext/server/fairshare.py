@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(eq=False)
@@ -41,21 +41,48 @@ class Ticket:
     priority: int = 0  # vLLM's: lower goes first, within the tenant
 
 
-@dataclass
 class Tenant:
-    name: str
-    weight: float = 1.0
-    max_in_flight: int | None = None
-    service: float = 0.0  # tokens / weight: the virtual token counter
-    tokens: int = 0  # tokens received (prompt + generated)
-    running: int = 0  # slots held
-    queue: deque[Ticket] = field(default_factory=deque)
-    order: int = 0  # ties: the tenant seen first
+    """One tenant's counters and queue. ``tokens`` is what it received (prompt and
+    generated tokens); whoever serves it adds to it (``tokens += n``, per streamed
+    token: no call). The virtual counter ``service`` is derived from it: tokens counted
+    since the last change of weight or lift, divided by the weight, on top of the counter
+    at that change (a new weight applies to what comes after it, as with a running sum)."""
+
+    def __init__(
+        self, name: str, weight: float = 1.0, max_in_flight: int | None = None, order: int = 0
+    ) -> None:
+        self.name = name
+        self.max_in_flight = max_in_flight
+        self.tokens = 0  # tokens received (prompt + generated)
+        self.running = 0  # slots held
+        self.queue: deque[Ticket] = deque()
+        self.order = order  # ties: the tenant seen first
+        self._weight = weight
+        self._base = 0.0  # the counter at the last change...
+        self._mark = 0  # ...and the tokens then
+
+    @property
+    def service(self) -> float:
+        """The virtual token counter: weighted tokens received."""
+        return self._base + (self.tokens - self._mark) / self._weight
+
+    @service.setter
+    def service(self, value: float) -> None:
+        """VTC's lift (or lowering): the counter moves, the tokens received do not."""
+        self._base, self._mark = value, self.tokens
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.service = self.service  # the tokens so far keep the weight they came under
+        self._weight = value
 
     def charge(self, tokens: int) -> None:
         """Service received: prompt tokens once, generated tokens as they come."""
         self.tokens += tokens
-        self.service += tokens / self.weight
 
     def eligible(self) -> bool:
         return bool(self.queue) and self.under_cap(self.queue[0].slots)

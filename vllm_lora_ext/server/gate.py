@@ -360,7 +360,8 @@ class Gate:
             # The first segment (every request has one; its samples are fresh, nothing to
             # start) is read here, vLLM's own generator directly: each generator layer of
             # ours cost every streamed token a hop and every request an allocation. The
-            # tenant is charged what the stitcher counted (one call per output).
+            # tenant is charged what the stitcher counted (Tenant.charge without a call:
+            # its counter is derived from the tokens).
             account = self._account(flight.name)
             number = flight.version.number
             seg, gen = self._open_segment(flight, prompt, sampling_params, request_id, kwargs)
@@ -370,13 +371,13 @@ class Gate:
                 if out is not None:
                     seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
                     if account is not None:
-                        account.charge(stitcher.added)
+                        account.tokens += stitcher.added
                     if seen is not None:
                         yield seen
                     async for out in gen:  # as the first (not anext: a wrapper per token)
                         seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
                         if account is not None:
-                            account.charge(stitcher.added)
+                            account.tokens += stitcher.added
                         if seen is not None:
                             yield seen
                 ended = True
@@ -639,7 +640,7 @@ class Gate:
                         out, indices[i], version.number, flight.interrupt == "continue"
                     )
                     if account is not None:
-                        account.charge(stitcher.added)
+                        account.tokens += stitcher.added
                     if seen is not None:
                         yield seen
 
