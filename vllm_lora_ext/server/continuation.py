@@ -94,7 +94,8 @@ class Stitcher:
         self.num_cached_tokens: int | None = None
         self.first: RequestOutput | None = None
         self._emitted = False
-        self._stopped = False  # a sample of the first segment was stopped to continue
+        # A sample was stopped to continue (so the caller sees outputs of ours).
+        self.stopped = False
         self._params = params
         # Tokens the last output absorbed added (the prompt's too, on the first): what
         # the request's tenant is charged for it, counted here rather than again.
@@ -200,12 +201,12 @@ class Stitcher:
                     s.finish_reason = ABORT
                     s.note = continuable.PREFIX + self.not_continuable
                 else:
-                    s.interrupted = self._stopped = True
+                    s.interrupted = self.stopped = True
                     s.finish_reason = None
             else:
                 s.finish_reason = finish
         self.added = added
-        if index is None and not rewritten and not self._stopped:
+        if index is None and not rewritten and not self.stopped:
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).
             self._emitted = True

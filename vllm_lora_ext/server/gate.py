@@ -228,7 +228,9 @@ class Gate:
 
     def _give_back(self, ticket: Ticket | None) -> None:
         if ticket is not None and self.share is not None:
-            self._wake(self.share.release(ticket))
+            granted = self.share.release(ticket)
+            if granted:
+                self._wake(granted)
 
     def wake(self, granted: list[Ticket]) -> None:
         """Tickets granted outside the gate (a weight or cap changed) start."""
@@ -242,6 +244,8 @@ class Gate:
     def pulse(self, name: str) -> None:
         """Something about ``name`` changed: its waiters re-check what they wait for
         (those waiting for the tenant's share too)."""
+        if not self._events:  # nobody waits for anything (every request's end asks)
+            return
         self._set(name)
         self._set(_share_key(name))
 
@@ -383,7 +387,7 @@ class Gate:
                 ended = True
             finally:
                 await self._close_segment(seg, gen, ended)
-            if stitcher.to_continue():
+            if stitcher.stopped:  # continued until none is left stopped
                 async with contextlib.aclosing(
                     self._continuations(
                         flight, prompt, sampling_params, request_id, kwargs, stitcher, claim
