@@ -59,6 +59,20 @@ def test_spans_are_read_live_while_the_request_runs():
     assert book.choices("r") == [[Span(1, 0, 2), Span(2, 2, 3)]]
 
 
+def test_the_final_version_is_the_newest_that_made_a_choices_last_tokens():
+    """``x-lora-version`` of a whole response: the newest version among the choices'
+    last spans (a choice continued on a newer version raises it), else the admitted one;
+    the same through the splice (one choice) and the parsing path (several)."""
+    book = SpanBook()
+    book.track("r", samples([(3, 0, 2)], [(3, 0, 1), (5, 1, 4)], [(4, 0, 2)], []), admitted=3)
+    body = {"id": "r", "choices": [{"index": i, "text": "x"} for i in range(4)]}
+    assert annotate_body(json.dumps(body).encode(), book)[1] == 5
+    book.track("one", samples([(2, 0, 1), (6, 1, 2)]), admitted=2)
+    assert annotate_body(b'{"id":"one","choices":[{"index":0,"text":"x"}]}', book)[1] == 6
+    book.track("none", samples([]), admitted=7)  # no token made yet
+    assert annotate_body(b'{"id":"none","choices":[{"index":0,"text":""}]}', book)[1] == 7
+
+
 def test_recording_gives_each_request_its_own_book():
     assert current_book() is None
     with recording() as outer:

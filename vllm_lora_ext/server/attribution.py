@@ -122,8 +122,12 @@ def spans_json(spans: list[Span]) -> list[dict[str, int]]:
 
 
 def final_version(per_choice: list[list[Span]], admitted: int) -> int:
-    last = [spans[-1].version for spans in per_choice if spans]
-    return max(last) if last else admitted
+    """The newest version that made a choice's last tokens; ``admitted`` if none did."""
+    final = None
+    for spans in per_choice:
+        if spans and (final is None or spans[-1].version > final):
+            final = spans[-1].version
+    return admitted if final is None else final
 
 
 def annotate(
@@ -194,7 +198,7 @@ def _splice(
     if found is None:
         return raw, None, rid
     samples, admitted = found
-    version = _final(samples, admitted) if want_version else None
+    version = final_version([s.spans for s in samples], admitted) if want_version else None
     index = int(choice.group(1)) if choice is not None else len(samples)
     if index >= len(samples):  # no choice (a usage chunk), or not one of ours
         return raw, version, rid
@@ -206,16 +210,6 @@ def _splice(
     spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in spans_of])
     at = choice.end()
     return b"".join((raw[:at], b',"lora_versions":[', spans, b"]", raw[at:])), version, rid
-
-
-def _final(samples: list[Sample], admitted: int) -> int:
-    """:func:`final_version` of the samples' spans (once per response: no lists built)."""
-    final = None
-    for s in samples:
-        if s.spans:
-            last = s.spans[-1].version
-            final = last if final is None or last > final else final
-    return admitted if final is None else final
 
 
 def _response_id(body: dict[str, Any]) -> Any:

@@ -228,9 +228,7 @@ class Gate:
 
     def _give_back(self, ticket: Ticket | None) -> None:
         if ticket is not None and self.share is not None:
-            granted = self.share.release(ticket)
-            if granted:
-                self._wake(granted)
+            self._wake(self.share.release(ticket))
 
     def wake(self, granted: list[Ticket]) -> None:
         """Tickets granted outside the gate (a weight or cap changed) start."""
