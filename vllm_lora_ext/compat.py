@@ -25,13 +25,15 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 # vLLM's public types, the only vLLM names other modules use directly.
-from vllm.exceptions import GracefulHTTPError
+from vllm.exceptions import GenerationError, GracefulHTTPError, VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+from vllm.v1.engine.output_processor import RequestOutputCollector
 
 __all__ = [
     "HOOKS",
@@ -42,11 +44,13 @@ __all__ = [
     "LoRARequest",
     "Logprob",
     "RequestOutput",
+    "RequestOutputCollector",
     "RequestOutputKind",
     "SamplingParams",
     "TokensPrompt",
     "check",
     "check_engine",
+    "generate_error",
     "get",
     "merge_async_iterators",
 ]
@@ -399,3 +403,20 @@ def child_request_id(parent_id: str, index: int) -> str:
     an ``n > 1`` request (same on 0.32 and 0.33; the gate's unit tests run vLLM's own
     fan-out against it)."""
     return f"{index}_{parent_id}"
+
+
+@functools.cache
+def _generate_passes() -> tuple[type[BaseException], ...]:
+    passes: tuple[type[BaseException], ...] = (EngineDeadError, VLLMClientError, GracefulHTTPError)
+    if Version(Version(vllm_version()).base_version) >= Version("0.33"):
+        passes += (GenerationError,)  # 0.33 lets it through; 0.32 wraps it
+    return passes
+
+
+def generate_error(e: Exception) -> Exception:
+    """What vLLM's ``AsyncLLM.generate`` raises for ``e``, met while adding or running a
+    request: ``e`` itself for the errors it lets through, else a new
+    ``EngineGenerateError`` (to be raised from ``e``). The gate runs generate's loop
+    itself (a generator layer less per streamed token) and answers as vLLM would; a
+    unit test compares the two on the running vLLM."""
+    return e if isinstance(e, _generate_passes()) else EngineGenerateError()

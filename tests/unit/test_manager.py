@@ -8,15 +8,16 @@ import asyncio
 import json
 import os
 import shutil
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
 from fakes import FakeEngine, token_at, track, write_adapter
-from vllm.exceptions import GracefulHTTPError
+from vllm.exceptions import GenerationError, GracefulHTTPError, VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
-from vllm.v1.engine.exceptions import EngineGenerateError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
@@ -100,6 +101,71 @@ async def test_lease_released_when_engine_errors(tmp_path):
     with pytest.raises(EngineGenerateError):  # what vLLM makes of it
         await run(engine, "r1")
     assert refcounts(m) == [0] and flights(m) == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad output"),
+        EngineDeadError(),
+        GenerationError("the model failed"),
+        VLLMValidationError("bad input"),
+        GracefulHTTPError("busy", HTTPStatus.SERVICE_UNAVAILABLE),
+    ],
+    ids=type,
+)
+@pytest.mark.parametrize("continued", [False, True], ids=["first segment", "continuation"])
+async def test_an_error_mid_request_is_answered_as_vllm_generate_answers_it(
+    tmp_path, error, continued
+):
+    """The gate runs vLLM's generate loop itself (first segment and continuations): an
+    error the engine puts in a request's queue must come out of it as it comes out of
+    vLLM's own generate on the running vLLM (let through, or as EngineGenerateError),
+    and the lease must go."""
+    m, engine = await make(tmp_path, engine={"manual": True, "tokens_per_request": 100})
+    states = engine.output_processor.request_states
+
+    async def raised(lora_request, continued: bool) -> type[BaseException]:
+        gen = engine.generate("p", params(RequestOutputKind.DELTA), "r", lora_request=lora_request)
+        task = asyncio.create_task(drain(gen))
+        await wait_until(lambda: len(states) == 1)
+        engine.step()  # one token out first: the error comes mid-stream
+        if continued:  # stopped by a keep pause, resumed: the error meets the continuation
+            await m.pause("meow", "keep", None)
+            await wait_until(lambda: not states)
+            m.resume("meow")
+            await wait_until(lambda: len(states) == 1)
+            engine.step()
+        (state,) = states.values()
+        state.queue.put(error)
+        with pytest.raises(BaseException) as got:
+            await task
+        if got.type is EngineGenerateError:
+            assert got.value.__cause__ is error
+        else:
+            assert got.value is error
+        await engine.abort(list(states), internal=True)
+        return got.type
+
+    # ours, and stock vLLM's generate (the base model)
+    assert await raised(lora(), continued) is await raised(None, False)
+    assert flights(m) == 0 and refcounts(m) == [0]
+
+
+async def test_streaming_input_on_a_managed_adapter_is_refused(tmp_path):
+    """vLLM's streaming input (a prompt that is an async generator) cannot be continued
+    from prompt + tokens: refused with a 400 before anything is admitted."""
+    m, engine = await make(tmp_path)
+
+    async def chunks():
+        yield TokensPrompt(prompt_token_ids=[1])
+
+    stream = chunks()
+    with pytest.raises(GracefulHTTPError) as err:
+        await drain(engine.generate(stream, params(), "r1", lora_request=lora()))
+    assert err.value.http_status == 400 and "streaming input" in str(err.value)
+    assert flights(m) == 0 and refcounts(m) == [0] and not engine.output_processor.request_states
+    await stream.aclose()
 
 
 async def test_lease_released_when_client_goes_away_mid_stream(tmp_path):

@@ -269,6 +269,10 @@ class _Annotating:
         # How this stream's chunks of the first choice start (id, created, model and
         # the choice's index are the same in each); never matches until learnt.
         self.prefix = b"\xff"
+        self.skip = 1  # len(prefix): where a second choice's index would be
+        # The first choice's spans as its client last saw them; -1 while unknown or an
+        # event is incomplete (the fast path of send compares against it).
+        self.quiet = -1
 
     def send(self, message: Message) -> Awaitable[None]:
         """Not a coroutine: most of a stream is handed to the server's ``send`` as is,
@@ -277,18 +281,12 @@ class _Annotating:
         finished and has no span its client was not told of. The gate records a
         finish or a span before vLLM serializes the chunk that shows it."""
         lead = self.lead
-        if (
-            lead is not None
-            and lead.finish_reason is None
-            and len(lead.spans) == self.sent.get(0)
-            and not self.tail
-        ):
+        if lead is not None and len(lead.spans) == self.quiet and lead.finish_reason is None:
             body = message.get("body", b"")
-            prefix = self.prefix
             if (
-                body.startswith(prefix)  # this stream's chunk of choice 0
+                body.startswith(self.prefix)  # this stream's chunk of choice 0
                 and body.endswith(b"\n\n")
-                and body.find(_INDEX_KEY, len(prefix)) < 0  # of it alone
+                and body.find(_INDEX_KEY, self.skip) < 0  # of it alone
             ):
                 return self._send(message)
         return self._handle(message)
@@ -306,6 +304,7 @@ class _Annotating:
             await self._json(message)
         else:
             await self._sse(message)
+            self.quiet = -1 if self.tail else self.sent.get(0, -1)
 
     async def _json(self, message: Message) -> None:
         self.chunks.append(message.get("body", b""))
@@ -362,6 +361,7 @@ class _Annotating:
         at = event.find(_LEAD)
         if at >= 0:
             self.prefix = event[: at + len(_LEAD)]
+            self.skip = len(self.prefix)
 
     def _event(self, event: bytes) -> bytes:
         """One whole SSE event, its choices annotated with their spans so far."""

@@ -161,22 +161,22 @@ class Stitcher:
         delta = self._delta
         for c in out.outputs:
             s = self.samples[c.index if index is None else index]
-            before = len(s.token_ids)
-            new_ids = c.token_ids  # only read (a delta view shows the engine's own list)
+            ids = s.token_ids  # changed in place, never replaced
+            before = len(ids)
             if delta:
                 # A delta caller is shown deltas only: the text and logprobs so far are
                 # never shown again, only the tokens are needed (to continue from).
-                s.token_ids.extend(new_ids)
+                ids += c.token_ids  # only read (a delta view shows the engine's own list)
             else:
                 if c.logprobs is not None and s.logprobs is None:
                     s.logprobs = []
-                s.token_ids[s.base_tokens :] = new_ids
+                ids[s.base_tokens :] = c.token_ids
                 s.text = s.text[: s.base_text] + c.text
                 if c.logprobs is not None:
                     s.logprobs[s.base_tokens :] = list(c.logprobs)
             if c.cumulative_logprob is not None:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob
-            after = len(s.token_ids)
+            after = len(ids)
             if after > before:  # the span of the version that made them grows, or starts
                 added += after - before
                 spans = s.spans
@@ -185,11 +185,10 @@ class Stitcher:
                     last.end = after
                 else:
                     spans.append(Span(version, before, after))
-            s.stop_reason = c.stop_reason
             finish = c.finish_reason
-            if finish is None:  # most outputs: one token more
-                s.finish_reason = None
+            if finish is None:  # most outputs: one token more (a set finish is final)
                 continue
+            s.stop_reason = c.stop_reason  # vLLM's, set with a finish only
             weights = getattr(c, "weight_versions", None)  # vLLM's, on a final output
             if weights:
                 s.add_weight_versions(weights)

@@ -39,6 +39,7 @@ from vllm_lora_ext.compat import (
     GracefulHTTPError,
     LoRARequest,
     RequestOutput,
+    RequestOutputCollector,
     RequestOutputKind,
     SamplingParams,
     TokensPrompt,
@@ -347,6 +348,14 @@ class Gate:
             finally:
                 self._give_back(ticket)
             return
+        if isinstance(prompt, AsyncGenerator):  # vLLM's streaming input (as it tells it)
+            raise http_error(
+                LoraExtError(
+                    "streaming input is not served on managed adapters (a request is "
+                    "continued from its prompt and tokens)",
+                    status=400,
+                )
+            )
         flight = await self._admit(*target, request_id)
         # The flight's share of the engine: given back while it is stopped between
         # segments, taken again (first in its tenant's queue) to continue.
@@ -360,31 +369,34 @@ class Gate:
                 flight.name, sampling_params.n, flight, priority=kwargs.get("priority") or 0
             )
             # The first segment (every request has one; its samples are fresh, nothing to
-            # start) is read here, vLLM's own generator directly: each generator layer of
-            # ours cost every streamed token a hop and every request an allocation. The
-            # tenant is charged what the stitcher counted (Tenant.charge without a call:
-            # its counter is derived from the tokens).
+            # start) runs here: vLLM's generate loop over the queue add_request returns,
+            # without vLLM's generator or one of ours (each layer cost every streamed
+            # token a hop and every request an allocation). The tenant is charged what
+            # the stitcher counted (Tenant.charge without a call: its counter is derived
+            # from the tokens).
             account = self._account(flight.name)
             number = flight.version.number
-            seg, gen = self._open_segment(flight, prompt, sampling_params, request_id, kwargs)
-            ended = False
+            seg, queue = _Segment(flight), None
             try:
-                out = await self._first_output(seg, gen)
-                if out is not None:
+                queue = await self._register(seg, prompt, sampling_params, request_id, kwargs)
+                finished = False
+                while not finished:  # vLLM's generate loop (its generator is not used)
+                    out = queue.get_nowait() or await queue.get()
+                    finished = out.finished
                     seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
                     if account is not None:
                         account.tokens += stitcher.added
                     if seen is not None:
                         yield seen
-                    async for out in gen:  # as the first (not anext: a wrapper per token)
-                        seen = stitcher.absorb(out, None, number, flight.interrupt == "continue")
-                        if account is not None:
-                            account.tokens += stitcher.added
-                        if seen is not None:
-                            yield seen
-                ended = True
+                self._unlink(seg)  # the engine finished it: nothing left to stop
+            except Exception as e:  # answered as vLLM's generate answers it
+                error = compat.generate_error(e)
+                if error is e:
+                    raise
+                raise error from e
             finally:
-                await self._close_segment(seg, gen, ended)
+                if queue is not None:
+                    queue.close()
             if stitcher.stopped:  # continued until none is left stopped
                 async with contextlib.aclosing(
                     self._continuations(
@@ -536,36 +548,23 @@ class Gate:
                 seg.flight.segments.discard(rid)
                 self._by_segment.pop(rid, None)
 
-    def _open_segment(
-        self, flight: Flight, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
-    ) -> tuple[_Segment, AsyncGenerator[RequestOutput, None]]:
-        """One engine request on the flight's version (vLLM's generator, not started)."""
-        gen = self._generate(
-            prompt, params, request_id, lora_request=lora_request_of(flight.version), **kwargs
-        )
-        return _Segment(flight), gen
-
-    async def _first_output(
-        self, seg: _Segment, gen: AsyncGenerator[RequestOutput, None]
-    ) -> RequestOutput | None:
-        """The segment's first output (None: it made none), read with the segment in the
-        context variable: vLLM registers the request in that step, and
-        :meth:`add_request` links it to the flight."""
+    async def _register(
+        self, seg: _Segment, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
+    ) -> RequestOutputCollector:
+        """vLLM's ``add_request`` of one segment on its flight's version, with the segment
+        in the context variable (:meth:`add_request` and :meth:`_assign` link it to the
+        flight); returns the queue vLLM puts the segment's outputs in."""
         token = _SEGMENT.set(seg)
         try:
-            return await anext(gen, None)
+            return await self.add_request(
+                request_id,
+                prompt,
+                params,
+                lora_request=lora_request_of(seg.flight.version),
+                **kwargs,
+            )
         finally:
             _SEGMENT.reset(token)
-
-    async def _close_segment(
-        self, seg: _Segment, gen: AsyncGenerator[RequestOutput, None], ended: bool
-    ) -> None:
-        """``ended``: the engine finished it, nothing left to stop. Otherwise (closed,
-        cancelled, failed) it stays linked: the flight's end stops it before the lease
-        goes."""
-        if ended:
-            self._unlink(seg)
-        await gen.aclose()
 
     async def _segment(
         self,
@@ -575,18 +574,25 @@ class Gate:
         request_id: str,
         kwargs: dict,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """One continuation segment as a generator (several are merged)."""
-        seg, gen = self._open_segment(flight, prompt, params, request_id, kwargs)
-        ended = False
+        """One continuation segment as a generator (several are merged); vLLM's generate
+        loop, as the first segment's in :meth:`generate`."""
+        seg, queue = _Segment(flight), None
         try:
-            first = await self._first_output(seg, gen)
-            if first is not None:
-                yield first
-                async for out in gen:
-                    yield out
-            ended = True
+            queue = await self._register(seg, prompt, params, request_id, kwargs)
+            finished = False
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
+                finished = out.finished
+                yield out
+            self._unlink(seg)  # the engine finished it: nothing left to stop
+        except Exception as e:
+            error = compat.generate_error(e)
+            if error is e:
+                raise
+            raise error from e
         finally:
-            await self._close_segment(seg, gen, ended)
+            if queue is not None:
+                queue.close()
 
     async def _continuations(
         self,
