@@ -8,12 +8,12 @@ them too):
   request's whole life, runs it as one or more engine **segments** (continued server-side
   after a ``keep`` pause or a ``continue`` swap) and releases the lease on every exit
   path;
-- ``add_request`` (where vLLM registers a request): stops a segment whose request was
-  interrupted while it was on its way in (input processing), and refuses a request on
-  one of our adapters that did not come through ``generate``; the input processor's
-  ``assign_request_id`` (where vLLM mints the internal id, before anything is
-  registered) links each segment to its internal id and, for ``n > 1``, to its
-  children's ids;
+- ``add_request`` (where vLLM registers a request): refuses a request on one of our
+  adapters that did not come through ``generate``. The gate registers its segments
+  beneath the hook (and stops one whose request was interrupted while it was on its
+  way in, input processing); the input processor's ``assign_request_id`` (where vLLM
+  mints the internal id, before anything is registered) links each segment to its
+  internal id and, for ``n > 1``, to its children's ids;
 - ``abort`` (vLLM's abort routes, its disconnect handling): an abort by external or
   internal id also ends what the engine does not hold yet, held requests and requests
   between continuation segments.
@@ -30,7 +30,6 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -79,14 +78,15 @@ def http_error(e: LoraExtError) -> GracefulHTTPError:
     return GracefulHTTPError(e.message, HTTPStatus(e.status))
 
 
-@dataclass(eq=False)
 class _Segment:
     """One engine request of a flight; linked to its internal id when vLLM registers it."""
 
-    flight: Flight
-    claimed: bool = False
-    internal_id: str | None = None
-    children: list[str] = field(default_factory=list)  # n > 1: the per-sample requests
+    __slots__ = ("children", "flight", "internal_id")
+
+    def __init__(self, flight: Flight) -> None:
+        self.flight = flight
+        self.internal_id: str | None = None
+        self.children: list[str] = []  # n > 1: the per-sample requests
 
 
 _SEGMENT: ContextVar[_Segment | None] = ContextVar("lora_ext_segment", default=None)
@@ -410,27 +410,18 @@ class Gate:
             await self._end(flight)
 
     async def add_request(self, request_id: str, prompt: Any, params: Any, *args, **kwargs):
-        seg = _SEGMENT.get()
-        if seg is None or seg.claimed:  # not one of our segments (or a nested call)
-            lora = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
-            if lora is not None and self._is_ours(lora):
-                raise http_error(
-                    LoraExtError(
-                        f"adapter '{lora.lora_name}' is served only through generation "
-                        "requests (model=<name> or <name>@<version>)",
-                        status=400,
-                    )
+        """vLLM's, for anything but our adapters' versions (the gate registers its own
+        segments beneath this hook, :meth:`_register`)."""
+        lora = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
+        if lora is not None and self._is_ours(lora):
+            raise http_error(
+                LoraExtError(
+                    f"adapter '{lora.lora_name}' is served only through generation "
+                    "requests (model=<name> or <name>@<version>)",
+                    status=400,
                 )
-            return await self._add_request(request_id, prompt, params, *args, **kwargs)
-        seg.claimed = True  # linked by _assign once vLLM minted its internal id
-        queue = await self._add_request(request_id, prompt, params, *args, **kwargs)
-        if seg.flight.interrupt is not None or seg.flight.released:
-            # Stopped while it was on its way in: the sweep could not reach all of it.
-            # (n > 1: a child sent to the engine core after that abort is told again.)
-            await self._abort_ids({seg.internal_id or queue.request_id})
-            if seg.children:
-                await self.engine.engine_core.abort_requests_async(seg.children)
-        return queue
+            )
+        return await self._add_request(request_id, prompt, params, *args, **kwargs)
 
     def _assign(self, request: Any) -> None:
         """vLLM's ``assign_request_id``, then the segment on its way in is linked to the
@@ -439,7 +430,7 @@ class Gate:
         interrupts the registration (a cancelled caller, a sweep between children)."""
         self._assign_request_id(request)
         seg = _SEGMENT.get()
-        if seg is not None and seg.claimed and seg.internal_id is None:
+        if seg is not None and seg.internal_id is None:
             params = getattr(request, "sampling_params", None)
             self._link(seg, request.request_id, getattr(params, "n", 1) or 1)
 
@@ -551,12 +542,12 @@ class Gate:
     async def _register(
         self, seg: _Segment, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
     ) -> RequestOutputCollector:
-        """vLLM's ``add_request`` of one segment on its flight's version, with the segment
-        in the context variable (:meth:`add_request` and :meth:`_assign` link it to the
-        flight); returns the queue vLLM puts the segment's outputs in."""
+        """vLLM's ``add_request`` of one segment on its flight's version; returns the
+        queue vLLM puts the segment's outputs in. The segment is in the context variable
+        meanwhile: :meth:`_assign` links it to the flight when vLLM mints its id."""
         token = _SEGMENT.set(seg)
         try:
-            return await self.add_request(
+            queue = await self._add_request(
                 request_id,
                 prompt,
                 params,
@@ -565,6 +556,13 @@ class Gate:
             )
         finally:
             _SEGMENT.reset(token)
+        if seg.flight.interrupt is not None or seg.flight.released:
+            # Stopped while it was on its way in: the sweep could not reach all of it.
+            # (n > 1: a child sent to the engine core after that abort is told again.)
+            await self._abort_ids({seg.internal_id or queue.request_id})
+            if seg.children:
+                await self.engine.engine_core.abort_requests_async(seg.children)
+        return queue
 
     async def _segment(
         self,
