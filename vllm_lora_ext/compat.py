@@ -32,8 +32,6 @@ from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
-from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-from vllm.v1.engine.output_processor import RequestOutputCollector
 
 __all__ = [
     "HOOKS",
@@ -44,7 +42,6 @@ __all__ = [
     "LoRARequest",
     "Logprob",
     "RequestOutput",
-    "RequestOutputCollector",
     "RequestOutputKind",
     "SamplingParams",
     "TokensPrompt",
@@ -137,6 +134,22 @@ HOOKS: dict[str, Hook] = {
             ("vllm.v1.engine.core_client:AsyncMPClient.abort_requests_async",),
             "aborts n>1 children sent after a sweep",
             ("request_ids",),
+        ),
+        Hook(
+            "RequestOutputCollector",
+            ("vllm.v1.engine.output_processor:RequestOutputCollector",),
+            "the queue of a request's outputs add_request returns (the gate reads it with "
+            "get_nowait, get and close, as generate does)",
+        ),
+        Hook(
+            "EngineDeadError",
+            ("vllm.v1.engine.exceptions:EngineDeadError",),
+            "errors answered as generate answers them",
+        ),
+        Hook(
+            "EngineGenerateError",
+            ("vllm.v1.engine.exceptions:EngineGenerateError",),
+            "errors answered as generate answers them",
         ),
         Hook(
             "ParentRequest.get_child_info",
@@ -407,7 +420,7 @@ def child_request_id(parent_id: str, index: int) -> str:
 
 @functools.cache
 def _generate_passes() -> tuple[type[BaseException], ...]:
-    passes: tuple[type[BaseException], ...] = (EngineDeadError, VLLMClientError, GracefulHTTPError)
+    passes = (get("EngineDeadError"), VLLMClientError, GracefulHTTPError)
     if Version(Version(vllm_version()).base_version) >= Version("0.33"):
         passes += (GenerationError,)  # 0.33 lets it through; 0.32 wraps it
     return passes
@@ -419,4 +432,4 @@ def generate_error(e: Exception) -> Exception:
     ``EngineGenerateError`` (to be raised from ``e``). The gate runs generate's loop
     itself (a generator layer less per streamed token) and answers as vLLM would; a
     unit test compares the two on the running vLLM."""
-    return e if isinstance(e, _generate_passes()) else EngineGenerateError()
+    return e if isinstance(e, _generate_passes()) else get("EngineGenerateError")()

@@ -38,7 +38,6 @@ from vllm_lora_ext.compat import (
     GracefulHTTPError,
     LoRARequest,
     RequestOutput,
-    RequestOutputCollector,
     RequestOutputKind,
     SamplingParams,
     TokensPrompt,
@@ -541,10 +540,11 @@ class Gate:
 
     async def _register(
         self, seg: _Segment, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
-    ) -> RequestOutputCollector:
+    ) -> Any:
         """vLLM's ``add_request`` of one segment on its flight's version; returns the
-        queue vLLM puts the segment's outputs in. The segment is in the context variable
-        meanwhile: :meth:`_assign` links it to the flight when vLLM mints its id."""
+        queue vLLM puts the segment's outputs in (its ``RequestOutputCollector``). The
+        segment is in the context variable meanwhile: :meth:`_assign` links it to the
+        flight when vLLM mints its id."""
         token = _SEGMENT.set(seg)
         try:
             queue = await self._add_request(
