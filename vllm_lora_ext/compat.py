@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -47,9 +47,9 @@ __all__ = [
     "TokensPrompt",
     "check",
     "check_engine",
-    "generate_error",
     "get",
     "merge_async_iterators",
+    "raise_as_generate",
 ]
 
 logger = logging.getLogger("vllm.lora_ext")
@@ -426,10 +426,12 @@ def _generate_passes() -> tuple[type[BaseException], ...]:
     return passes
 
 
-def generate_error(e: Exception) -> Exception:
-    """What vLLM's ``AsyncLLM.generate`` raises for ``e``, met while adding or running a
-    request: ``e`` itself for the errors it lets through, else a new
-    ``EngineGenerateError`` (to be raised from ``e``). The gate runs generate's loop
-    itself (a generator layer less per streamed token) and answers as vLLM would; a
-    unit test compares the two on the running vLLM."""
-    return e if isinstance(e, _generate_passes()) else get("EngineGenerateError")()
+def raise_as_generate(e: Exception) -> NoReturn:
+    """Raise what vLLM's ``AsyncLLM.generate`` raises for ``e``, met while adding or
+    running a request: ``e`` itself for the errors it lets through, else an
+    ``EngineGenerateError`` from ``e``. The gate runs generate's loop itself (a generator
+    layer less per streamed token) and answers as vLLM would; a unit test compares the
+    two on the running vLLM."""
+    if isinstance(e, _generate_passes()):
+        raise e
+    raise get("EngineGenerateError")() from e

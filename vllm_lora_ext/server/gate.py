@@ -389,10 +389,7 @@ class Gate:
                         yield seen
                 self._unlink(seg)  # the engine finished it: nothing left to stop
             except Exception as e:  # answered as vLLM's generate answers it
-                error = compat.generate_error(e)
-                if error is e:
-                    raise
-                raise error from e
+                compat.raise_as_generate(e)
             finally:
                 if queue is not None:
                     queue.close()
@@ -584,10 +581,7 @@ class Gate:
                 yield out
             self._unlink(seg)  # the engine finished it: nothing left to stop
         except Exception as e:
-            error = compat.generate_error(e)
-            if error is e:
-                raise
-            raise error from e
+            compat.raise_as_generate(e)
         finally:
             if queue is not None:
                 queue.close()
