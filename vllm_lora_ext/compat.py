@@ -330,7 +330,12 @@ def vllm_version() -> str:
 
 def in_range(version: str) -> bool:
     """Whether ``version`` is tested (local builds such as ``0.32.0+cpu`` count)."""
-    return Version(Version(version).base_version) in SUPPORTED
+    return release(version) in SUPPORTED
+
+
+def release(version: str) -> Version:
+    """The release a version string names (a local build such as ``0.32.0+cpu`` is 0.32.0)."""
+    return Version(Version(version).base_version)
 
 
 def _accepts(obj: Any, names: tuple[str, ...]) -> list[str]:
@@ -421,7 +426,7 @@ def child_request_id(parent_id: str, index: int) -> str:
 @functools.cache
 def _generate_passes() -> tuple[type[BaseException], ...]:
     passes = (get("EngineDeadError"), VLLMClientError, GracefulHTTPError)
-    if Version(Version(vllm_version()).base_version) >= Version("0.33"):
+    if release(vllm_version()) >= Version("0.33"):
         passes += (GenerationError,)  # 0.33 lets it through; 0.32 wraps it
     return passes
 
