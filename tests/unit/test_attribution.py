@@ -133,6 +133,14 @@ def app() -> Starlette:
 
             stream = two_choices if body.get("two_choices") else events
             return StreamingResponse(stream(), media_type="text/event-stream")
+        if body.get("parts"):  # a JSON body in several writes (vLLM sends one)
+
+            async def parts():
+                whole = json.dumps({"id": body["id"], "choices": [{"index": 0, "text": "ab"}]})
+                for i in range(0, len(whole), 7):
+                    yield whole[i : i + 7]
+
+            return StreamingResponse(parts(), media_type="application/json")
         return JSONResponse({"id": body["id"], "choices": [{"index": 0, "text": "ab"}]})
 
     return Starlette(
@@ -178,6 +186,46 @@ async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
             [v7, v8, {"version": 9, "start": 4, "end": 5}],
             [v7, v8, {"version": 9, "start": 4, "end": 5}],
         ]
+
+
+async def test_a_json_body_sent_in_parts_is_annotated_whole():
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        body = {"id": "cmpl-p", "parts": True, "record": {"cmpl-p-0": [[(5, 0, 2)]]}}
+        r = await c.post("/v1/completions", json=body)
+    assert r.headers["x-lora-version"] == "5"
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert r.json()["choices"] == [
+        {"index": 0, "text": "ab", "lora_versions": [{"version": 5, "start": 0, "end": 2}]}
+    ]
+
+
+@seed(SEED)
+@settings(max_examples=examples(local=300, ci=1000), deadline=None, derandomize=False)
+@given(
+    keys=st.lists(st.text(alphabet="ab-01", max_size=4), max_size=3, unique=True),
+    response_id=st.text(alphabet="ab-01", max_size=3),
+)
+def test_a_response_finds_the_engine_requests_its_id_names(keys, response_id):
+    """Chat: the response id itself; completions: ``<id>-0``, ``<id>-1``... in prompt
+    order (as vLLM names a prompt's engine request). Whatever ids a book holds (one, as
+    most requests, or several; ids that merely start alike), lookup finds exactly those."""
+    book = SpanBook()
+    made = {k: samples([(i + 1, 0, 1)]) for i, k in enumerate(keys)}
+    for k in keys:
+        book.track(k, made[k], admitted=1)
+    if response_id in made:
+        named = [response_id]
+    else:
+        named = []
+        while f"{response_id}-{len(named)}" in made:
+            named.append(f"{response_id}-{len(named)}")
+    found = book.lookup(response_id)
+    if not named:
+        assert found is None
+    else:
+        assert found is not None
+        assert list(found[0]) == [s for k in named for s in made[k]]
 
 
 async def test_a_chunk_with_a_second_choice_is_annotated_for_it():

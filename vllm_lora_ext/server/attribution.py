@@ -39,7 +39,7 @@ _VERSION_KEY = VERSION_HEADER.encode()
 ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     admitted: int
     samples: Sequence[Sample]
@@ -49,6 +49,8 @@ class SpanBook:
     """The spans of the engine requests one HTTP request made (engine request id ->
     per-sample spans). One book per HTTP request, so ids repeated across requests (a
     shared ``X-Request-Id``) never mix, and a book ends with its request."""
+
+    __slots__ = ("_records", "_resolved")
 
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
@@ -73,9 +75,13 @@ class SpanBook:
             i += 1
         return ids
 
-    def lookup(self, response_id: str) -> tuple[list[Sample], int] | None:
+    def lookup(self, response_id: str) -> tuple[Sequence[Sample], int] | None:
         """The response's samples in choice order (live: their spans grow) and the
         version it was admitted on; None if the response is not ours."""
+        if len(self._records) == 1:  # most requests: one engine request, nothing to join
+            for key, record in self._records.items():
+                if key == response_id or _first_of(key, response_id):
+                    return record.samples, record.admitted
         known = self._resolved.get(response_id)
         if known is not None and known[0] == len(self._records):
             return known[1], known[2]
@@ -95,6 +101,11 @@ class SpanBook:
         """Spans per choice index (a copy), or None if the response is not ours."""
         found = self.lookup(response_id)
         return [list(s.spans) for s in found[0]] if found is not None else None
+
+
+def _first_of(key: str, response_id: str) -> bool:
+    """Whether ``key`` is ``<response_id>-0`` (compared without building it)."""
+    return len(key) == len(response_id) + 2 and key.startswith(response_id) and key.endswith("-0")
 
 
 _BOOK: ContextVar[SpanBook | None] = ContextVar("lora_ext_span_book", default=None)
@@ -121,10 +132,11 @@ def spans_json(spans: list[Span]) -> list[dict[str, int]]:
     return [{"version": s.version, "start": s.start, "end": s.end} for s in spans]
 
 
-def final_version(per_choice: list[list[Span]], admitted: int) -> int:
+def final_version(samples: Sequence[Sample], admitted: int) -> int:
     """The newest version that made a choice's last tokens; ``admitted`` if none did."""
     final = None
-    for spans in per_choice:
+    for sample in samples:
+        spans = sample.spans
         if spans and (final is None or spans[-1].version > final):
             final = spans[-1].version
     return admitted if final is None else final
@@ -139,15 +151,15 @@ def annotate(
     choices = body.get("choices")
     if not isinstance(rid, str) or not isinstance(choices, list):
         return None
-    per_choice = book.choices(rid)
-    admitted = book.admitted(rid)
-    if per_choice is None or admitted is None:
+    found = book.lookup(rid)
+    if found is None:
         return None
+    samples, admitted = found
     for choice in choices:
         index = choice.get("index") if isinstance(choice, dict) else None
-        if not isinstance(index, int) or not 0 <= index < len(per_choice):
+        if not isinstance(index, int) or not 0 <= index < len(samples):
             continue
-        spans = per_choice[index]
+        spans = samples[index].spans
         if sent is not None:
             # Not its last chunk only when it says so (as the splice reads it).
             open_ = "finish_reason" in choice and choice["finish_reason"] is None
@@ -155,7 +167,7 @@ def annotate(
                 continue
             sent[index] = len(spans)
         choice["lora_versions"] = spans_json(spans)
-    return final_version(per_choice, admitted)
+    return final_version(samples, admitted)
 
 
 # vLLM's own serialization of one response or chunk with a single choice (pydantic's
@@ -198,7 +210,7 @@ def _splice(
     if found is None:
         return raw, None, rid
     samples, admitted = found
-    version = final_version([s.spans for s in samples], admitted) if want_version else None
+    version = final_version(samples, admitted) if want_version else None
     index = int(choice.group(1)) if choice is not None else len(samples)
     if index >= len(samples):  # no choice (a usage chunk), or not one of ours
         return raw, version, rid
@@ -207,7 +219,10 @@ def _splice(
         if len(spans_of) == sent.get(index, 0) and _OPEN in raw:
             return raw, version, rid  # the client extends the spans it has
         sent[index] = len(spans_of)
-    spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in spans_of])
+    if len(spans_of) == 1:  # most choices: one version made them
+        spans = _SPAN % (spans_of[0].version, spans_of[0].start, spans_of[0].end)
+    else:
+        spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in spans_of])
     at = choice.end()
     return b"".join((raw[:at], b',"lora_versions":[', spans, b"]", raw[at:])), version, rid
 
@@ -225,8 +240,13 @@ def _header(message: Message, name: bytes) -> bytes | None:
 
 
 def _set_headers(message: Message, values: dict[bytes, str]) -> None:
-    """Set (replace) headers, named in lower case: one pass over the others."""
-    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in values]
+    """Set (replace) headers, named in lower case: one pass over the others (kept as
+    they are; Starlette's names are lower case already)."""
+    headers = []
+    for item in message.get("headers", ()):
+        key = item[0]
+        if (key if key.islower() else key.lower()) not in values:
+            headers.append(item)
     for name, value in values.items():
         headers.append((name, value.encode("latin-1")))
     message["headers"] = headers
@@ -256,12 +276,28 @@ class _Annotating:
     The headers wait for the body (JSON) or the first whole event (its id names the
     request, and so the version for ``x-lora-version``)."""
 
+    # One per annotated request (slotted: nothing more to allocate or traverse).
+    __slots__ = (
+        "_send",
+        "book",
+        "chunks",
+        "lead",
+        "mode",
+        "prefix",
+        "quiet",
+        "response_id",
+        "sent",
+        "skip",
+        "start",
+        "tail",
+    )
+
     def __init__(self, book: SpanBook, send: Send) -> None:
         self.book = book
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
         self.mode = "pass"  # "json", "sse" or "pass"
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes] | None = None  # a JSON body sent in parts, so far
         self.tail = b""  # an SSE event not complete yet
         self.response_id: str | None = None
         self.sent: dict[int, int] = {}  # choice index -> spans in its last annotated chunk
@@ -307,10 +343,15 @@ class _Annotating:
             self.quiet = -1 if self.tail else self.sent.get(0, -1)
 
     async def _json(self, message: Message) -> None:
-        self.chunks.append(message.get("body", b""))
-        if message.get("more_body", False):
-            return
-        out, version, _ = annotate_body(b"".join(self.chunks), self.book)
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if more or self.chunks is not None:  # in parts (vLLM sends a JSON body whole)
+            if self.chunks is None:
+                self.chunks = []
+            self.chunks.append(body)
+            if more:
+                return
+            body = b"".join(self.chunks)
+        out, version, _ = annotate_body(body, self.book)
         assert self.start is not None
         values = {b"content-length": str(len(out))}
         if version is not None:

@@ -8,7 +8,6 @@ response whose tokens, text and logprobs are the concatenation, in whatever
 
 from __future__ import annotations
 
-import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -81,13 +80,35 @@ class Sample:
 class Stitcher:
     """Accumulates segment outputs of one request and says what the caller sees."""
 
+    # One per request, alive while it runs: slotted (no attribute dict to allocate,
+    # and less for the garbage collector to traverse while requests are in flight).
+    __slots__ = (
+        "_asked",
+        "_delta",
+        "_emitted",
+        "_params",
+        "_why",
+        "added",
+        "first",
+        "kind",
+        "max_tokens",
+        "min_tokens",
+        "num_cached_tokens",
+        "prompt",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "request_id",
+        "samples",
+        "stopped",
+    )
+
     def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
         self.kind = params.output_kind
         self._delta = self.kind == RequestOutputKind.DELTA
         self.max_tokens = params.max_tokens
         self.min_tokens = params.min_tokens
-        self.samples = [Sample(i) for i in range(params.n)]
+        self.samples = [Sample(0)] if params.n == 1 else [Sample(i) for i in range(params.n)]
         self.prompt: str | None = None
         self.prompt_token_ids: list[int] | None = None
         self.prompt_logprobs = None
@@ -100,12 +121,16 @@ class Stitcher:
         # Tokens the last output absorbed added (the prompt's too, on the first): what
         # the request's tenant is charged for it, counted here rather than again.
         self.added = 0
+        self._asked = False  # whether not_continuable was worked out (in _why)
+        self._why: str | None = None
 
-    @functools.cached_property
+    @property
     def not_continuable(self) -> str | None:
         """Why this request is not continued exactly (stop strings, penalties,
         grammars...): it then ends partial. Asked only when a segment is stopped."""
-        return continuable.of_params(self._params)
+        if not self._asked:
+            self._why, self._asked = continuable.of_params(self._params), True
+        return self._why
 
     # ---- segments -----------------------------------------------------------------
     def start_segment(self, indices: list[int]) -> None:

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per request
 class Ticket:
     """One request's claim on ``slots`` engine sequences (its ``n``)."""
 

@@ -85,7 +85,7 @@ class _Segment:
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
         self.internal_id: str | None = None
-        self.children: list[str] = []  # n > 1: the per-sample requests
+        self.children: tuple[str, ...] = ()  # n > 1: the per-sample requests
 
 
 _SEGMENT: ContextVar[_Segment | None] = ContextVar("lora_ext_segment", default=None)
@@ -174,24 +174,25 @@ class Gate:
         return not self.closed
 
     # ---- the fair share -----------------------------------------------------------
-    async def _take_share(
-        self,
-        tenant: str,
-        slots: int,
-        flight: Flight | None = None,
-        front: bool = False,
-        priority: int = 0,
+    def _ask_share(
+        self, tenant: str, slots: int, front: bool = False, priority: int = 0
     ) -> Ticket | None:
-        """Wait for the tenant's turn at the engine (no wait while there is room);
-        None without a fair share, or when the flight was interrupted or the server
-        closes meanwhile (it then runs without one and is stopped at once)."""
+        """The tenant's claim on the engine, granted at once while there is room (then
+        nothing to await: no coroutine on a request's way in); None without a fair
+        share. A claim not granted waits in :meth:`_await_share`."""
         share = self.share
         if share is None:
             return None
         ticket = Ticket(tenant, max(1, slots or 1), priority=priority)
         self._wake(share.submit(ticket, front))
-        if ticket.granted:
-            return ticket
+        return ticket
+
+    async def _await_share(self, ticket: Ticket, flight: Flight | None = None) -> Ticket | None:
+        """Wait for the tenant's turn at the engine; None when the flight was
+        interrupted or the server closes meanwhile (it then runs without a share and is
+        stopped at once)."""
+        share, tenant = self.share, ticket.tenant
+        assert share is not None
 
         def ready() -> bool:
             stopped = flight is not None and (flight.released or flight.interrupt is not None)
@@ -235,6 +236,8 @@ class Gate:
         self._wake(granted)
 
     def _wake(self, granted: list[Ticket]) -> None:
+        if not self._events:  # nobody waits (most grants: the request asking itself)
+            return
         for ticket in granted:
             self._set(_share_key(ticket.tenant))
 
@@ -333,9 +336,11 @@ class Gate:
         target = self._resolve(lora_request)
         if target is None:  # base model, or an adapter we do not manage
             tenant = BASE_TENANT if lora_request is None else lora_request.lora_name
-            ticket = await self._take_share(
+            ticket = self._ask_share(
                 tenant, sampling_params.n, priority=kwargs.get("priority") or 0
             )
+            if ticket is not None and not ticket.granted:
+                ticket = await self._await_share(ticket)
             try:
                 meter, share = _Meter(sampling_params.output_kind), self.share
                 async for out in self._generate(
@@ -347,7 +352,8 @@ class Gate:
             finally:
                 self._give_back(ticket)
             return
-        if isinstance(prompt, AsyncGenerator):  # vLLM's streaming input (as it tells it)
+        # vLLM's streaming input (as it tells it; a text or dict prompt skips the ABC check)
+        if not isinstance(prompt, (str, dict)) and isinstance(prompt, AsyncGenerator):
             raise http_error(
                 LoraExtError(
                     "streaming input is not served on managed adapters (a request is "
@@ -355,7 +361,7 @@ class Gate:
                     status=400,
                 )
             )
-        flight = await self._admit(*target, request_id)
+        flight = self._admit(*target, request_id) or await self._admit_held(*target, request_id)
         # The flight's share of the engine: given back while it is stopped between
         # segments, taken again (first in its tenant's queue) to continue.
         claim: list[Ticket | None] = [None]
@@ -364,9 +370,11 @@ class Gate:
             book = attribution.current_book()
             if book is not None:
                 book.track(request_id, stitcher.samples, flight.version.number)
-            claim[0] = await self._take_share(
-                flight.name, sampling_params.n, flight, priority=kwargs.get("priority") or 0
+            claim[0] = self._ask_share(
+                flight.name, sampling_params.n, priority=kwargs.get("priority") or 0
             )
+            if claim[0] is not None and not claim[0].granted:
+                claim[0] = await self._await_share(claim[0], flight)
             # The first segment (every request has one; its samples are fresh, nothing to
             # start) runs here: vLLM's generate loop over the queue add_request returns,
             # without vLLM's generator or one of ours (each layer cost every streamed
@@ -403,7 +411,10 @@ class Gate:
                         yield out
         finally:
             self._give_back(claim[0])
-            await self._end(flight)
+            if flight.segments:
+                await self._end(flight)
+            else:  # nothing to stop (the common end: the engine finished it)
+                self._release(flight)
 
     async def add_request(self, request_id: str, prompt: Any, params: Any, *args, **kwargs):
         """vLLM's, for anything but our adapters' versions (the gate registers its own
@@ -463,16 +474,24 @@ class Gate:
             raise http_error(LoraExtError(f"adapter '{lora.lora_name}' is not served", 404))
         return None
 
-    async def _admit(self, name: str, number: int | None, request_id: str) -> Flight:
+    def _admit(self, name: str, number: int | None, request_id: str) -> Flight | None:
+        """Lease the version now; None while the adapter is paused (the request is then
+        held: :meth:`_admit_held`). Not a coroutine: most requests never wait here."""
         try:
             adapter = self.registry.get(name)
             if number is not None:
                 self.registry.resident(name, number)  # fail fast, before any hold
-            waiter = await self._hold(name, request_id) if adapter.paused else None
-            flight = self.registry.admit(name, request_id, number)  # no await since the check
-        except LoraExtError as e:  # unknown, unloaded meanwhile, held too long
+            return None if adapter.paused else self.registry.admit(name, request_id, number)
+        except LoraExtError as e:  # unknown, or that version is gone
             raise http_error(e) from None
-        if waiter is not None and waiter.aborted:
+
+    async def _admit_held(self, name: str, number: int | None, request_id: str) -> Flight:
+        try:
+            waiter = await self._hold(name, request_id)
+            flight = self.registry.admit(name, request_id, number)  # no await since the hold
+        except LoraExtError as e:  # unloaded meanwhile, held too long
+            raise http_error(e) from None
+        if waiter.aborted:
             self.registry.mark(flight, "abort")  # its first segment stops once registered
         return flight
 
@@ -501,13 +520,12 @@ class Gate:
         return waiter
 
     async def _end(self, flight: Flight) -> None:
-        """The flight is over (finished, aborted, closed, cancelled, failed): every
-        engine request still linked to it is stopped before its lease goes, so its
-        version cannot leave the engine under a running request. Shielded: a second
-        cancellation cannot skip the abort."""
+        """The flight is over (aborted, closed, cancelled, failed) with engine requests
+        still linked to it: they are stopped before its lease goes, so its version cannot
+        leave the engine under a running request. Shielded: a second cancellation cannot
+        skip the abort."""
         try:
-            if flight.segments:
-                await asyncio.shield(self._abort_ids(set(flight.segments)))
+            await asyncio.shield(self._abort_ids(set(flight.segments)))
         finally:
             self._release(flight)
 
@@ -524,7 +542,8 @@ class Gate:
     def _link(self, seg: _Segment, internal_id: str, n: int) -> None:
         seg.internal_id = internal_id
         # Known before the parent exists and after an abort emptied it.
-        seg.children = [compat.child_request_id(internal_id, i) for i in range(n)] if n > 1 else []
+        if n > 1:
+            seg.children = tuple(compat.child_request_id(internal_id, i) for i in range(n))
         for rid in (internal_id, *seg.children):
             seg.flight.segments.add(rid)
             self._by_segment[rid] = seg.flight
@@ -542,15 +561,13 @@ class Gate:
         queue vLLM puts the segment's outputs in (its ``RequestOutputCollector``). The
         segment is in the context variable meanwhile: :meth:`_assign` links it to the
         flight when vLLM mints its id."""
+        version = seg.flight.version  # admitted: loaded and committed, its fields final
+        lora = version.engine_request
+        if lora is None:
+            lora = version.engine_request = lora_request_of(version)
         token = _SEGMENT.set(seg)
         try:
-            queue = await self._add_request(
-                request_id,
-                prompt,
-                params,
-                lora_request=lora_request_of(seg.flight.version),
-                **kwargs,
-            )
+            queue = await self._add_request(request_id, prompt, params, lora_request=lora, **kwargs)
         finally:
             _SEGMENT.reset(token)
         if seg.flight.interrupt is not None or seg.flight.released:
@@ -558,7 +575,7 @@ class Gate:
             # (n > 1: a child sent to the engine core after that abort is told again.)
             await self._abort_ids({seg.internal_id or queue.request_id})
             if seg.children:
-                await self.engine.engine_core.abort_requests_async(seg.children)
+                await self.engine.engine_core.abort_requests_async(list(seg.children))
         return queue
 
     async def _segment(
@@ -610,9 +627,11 @@ class Gate:
                     yield final
                 return
             flight.interrupt = None
-            claim[0] = await self._take_share(
-                flight.name, len(indices), flight, front=True, priority=kwargs.get("priority") or 0
+            claim[0] = self._ask_share(
+                flight.name, len(indices), front=True, priority=kwargs.get("priority") or 0
             )
+            if claim[0] is not None and not claim[0].granted:
+                claim[0] = await self._await_share(claim[0], flight)
             metrics.CONTINUED.labels(flight.name).inc()
             self.registry.rebind(flight)
             self._settle(flight.name)

@@ -28,7 +28,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from vllm_lora_ext.errors import LoraExtError, UnknownAdapterError
 
@@ -50,6 +50,9 @@ class Version:
     unloaded: bool = False
     add_lora_ms: float = 0.0  # the engine's own load time (the floor of a swap)
     is_3d_lora_weight: bool = False  # vLLM's flag for fused-MoE (3D) LoRA weights
+    # The engine's request object of this version, made once it serves (by the gate:
+    # one object for all its requests, as vLLM shares one per served adapter).
+    engine_request: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.load_path = self.load_path or self.path
@@ -67,7 +70,7 @@ class Waiter:
     aborted: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per request, alive while it runs
 class Flight:
     key: int
     request_id: str  # the caller's (external) id; several requests may share one
