@@ -6,8 +6,10 @@ Why a count beside ``request_path.py``: CPU time on two shared cores resolves ab
 +-1 % in 17 minutes there, and a change of a few tenths of a percent does not show. The
 interpreter's allocations (calls of ``_PyObject_Malloc``, and objects the garbage
 collector tracks, ``_PyObject_GC_Link``) are counted by Linux uprobes in the API process:
-a count does not depend on the machine's load, and what a request allocates tracks what
-it costs (objects made are objects set up, collected and freed).
+a count does not depend on the machine's load, so it tells what our code adds to the
+interpreter's work to a tenth of a percent, in minutes. It is not a stand-in for the CPU
+ratio: halving the plugin's extra allocations per request (6 % over stock's to 3 %, at 16
+concurrent) left that ratio where it was (RESULTS.md, 2026-11-30).
 
 Each server is loaded alone, one request at a time (``--concurrency 1``): with several at
 once, how many outputs the engine hands over together depends on timing, and the counts
