@@ -6,9 +6,12 @@ continuation keeps its place; the base model is a tenant too."""
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from types import SimpleNamespace
 
+import pytest
 from fakes import PROMPT_IDS, FakeEngine, track, write_adapter
+from vllm.exceptions import GracefulHTTPError
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -139,6 +142,34 @@ async def test_held_aborted_and_disconnected_requests_give_their_share_back(tmp_
     share = manager.gate.share
     assert share.running == 0 and all(share.queued(t) == 0 for t in share.tenants)
     assert manager.tenants()[BASE_TENANT]["service_tokens"] > 0  # the base model is charged
+
+
+@pytest.mark.parametrize("model", ["B", None], ids=["adapter", "base model"])
+async def test_a_request_that_waits_longer_than_fair_share_wait_s_gets_503(tmp_path, model):
+    """Every wait is bounded: a request whose tenant's turn does not come within
+    ``fair_share_wait_s`` is answered 503 and leaves the queue; the lease and the share
+    of the request that ran are untouched, and the engine serves the next one."""
+    manager, engine = await make(tmp_path, seqs=1, fair_share_wait_s=0.2)
+    tenant = model or BASE_TENANT
+    running = start(engine, "a-run", "A")
+    await settle()
+    assert engine.engine_core.admitted == ["a-run"]
+    late = start(engine, "late", model)  # the engine is full: it waits for its share
+    await settle()
+    assert manager.gate.share.queued(tenant) == 1
+    with pytest.raises(GracefulHTTPError) as err:
+        await asyncio.wait_for(late, 5)
+    assert err.value.http_status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert "waited 0.2s for its share" in str(err.value)
+    share = manager.gate.share
+    assert share.queued(tenant) == 0 and share.waiting == 0 and share.running == 1
+    assert manager.registry.get("B").versions[1].refcount == 0  # no lease is left
+    await step_until(engine, running.done)
+    assert share.running == 0
+    after = start(engine, "after", model)  # served once there is room
+    await step_until(engine, after.done)
+    assert (await after)[-1].finished
+    assert engine.engine_core.admitted == ["a-run", "after"]
 
 
 async def test_a_continuation_keeps_its_place(tmp_path):
