@@ -63,13 +63,18 @@ BASE_TENANT = "__base__"
 
 
 def lora_request_of(version: Version) -> LoRARequest:
-    """The engine-side request of one version: its own name and id, never shared."""
-    return LoRARequest(
-        lora_name=version.internal_name,
-        lora_int_id=version.lora_int_id,
-        lora_path=version.load_path,
-        is_3d_lora_weight=version.is_3d_lora_weight,
-    )
+    """The engine-side request of one version: its own name and id, never shared with
+    another version. Made once, when the version first goes to the engine (its load path
+    is final by then), and used for its load, vLLM's model list and every request, as
+    vLLM shares one per served adapter."""
+    if version.engine_request is None:
+        version.engine_request = LoRARequest(
+            lora_name=version.internal_name,
+            lora_int_id=version.lora_int_id,
+            lora_path=version.load_path,
+            is_3d_lora_weight=version.is_3d_lora_weight,
+        )
+    return version.engine_request
 
 
 def http_error(e: LoraExtError) -> GracefulHTTPError:
@@ -561,10 +566,7 @@ class Gate:
         queue vLLM puts the segment's outputs in (its ``RequestOutputCollector``). The
         segment is in the context variable meanwhile: :meth:`_assign` links it to the
         flight when vLLM mints its id."""
-        version = seg.flight.version  # admitted: loaded and committed, its fields final
-        lora = version.engine_request
-        if lora is None:
-            lora = version.engine_request = lora_request_of(version)
+        lora = lora_request_of(seg.flight.version)
         token = _SEGMENT.set(seg)
         try:
             queue = await self._add_request(request_id, prompt, params, lora_request=lora, **kwargs)

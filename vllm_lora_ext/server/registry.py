@@ -50,8 +50,7 @@ class Version:
     unloaded: bool = False
     add_lora_ms: float = 0.0  # the engine's own load time (the floor of a swap)
     is_3d_lora_weight: bool = False  # vLLM's flag for fused-MoE (3D) LoRA weights
-    # The engine's request object of this version, made once it serves (by the gate:
-    # one object for all its requests, as vLLM shares one per served adapter).
+    # The engine's request object of this version (gate.lora_request_of), made once.
     engine_request: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
