@@ -234,9 +234,22 @@ def _response_id(body: dict[str, Any]) -> Any:
 
 def _header(message: Message, name: bytes) -> bytes | None:
     for key, value in message.get("headers", ()):
-        if key.lower() == name:
+        if key == name or key.lower() == name:  # Starlette's names are lower case already
             return value
     return None
+
+
+class _Kept:
+    """What ``send`` returns for a message it keeps back (the headers of a response it
+    annotates): an awaitable that is done at once, with no coroutine made for it."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_KEPT = _Kept()
 
 
 def _set_headers(message: Message, values: dict[bytes, str]) -> None:
@@ -325,22 +338,18 @@ class _Annotating:
                 and body.find(_INDEX_KEY, self.skip) < 0  # of it alone
             ):
                 return self._send(message)
-        return self._handle(message)
-
-    async def _handle(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             self.mode = _mode(message)
             if self.mode == "pass":
-                await self._send(message)
-            else:
-                self.start = message
-        elif message["type"] != "http.response.body" or self.mode == "pass":
-            await self._send(message)
-        elif self.mode == "json":
-            await self._json(message)
-        else:
-            await self._sse(message)
-            self.quiet = -1 if self.tail else self.sent.get(0, -1)
+                return self._send(message)
+            self.start = message
+            return _KEPT
+        if kind != "http.response.body" or self.mode == "pass":
+            return self._send(message)
+        if self.mode == "json":
+            return self._json(message)
+        return self._sse(message)
 
     async def _json(self, message: Message) -> None:
         body, more = message.get("body", b""), message.get("more_body", False)
@@ -377,6 +386,7 @@ class _Annotating:
                         message = {**message, "body": spliced[0]}
                     if self.lead is not None:
                         self._learn(body)
+                self.quiet = self.sent.get(0, -1)
                 await self._send(message)
                 return
         events = (self.tail + body).split(b"\n\n")
@@ -386,6 +396,7 @@ class _Annotating:
         if not more and self.tail:
             out.append(self.tail)
             self.tail = b""
+        self.quiet = -1 if self.tail else self.sent.get(0, -1)
         if not out and more:
             return  # no whole event yet
         if self.start is not None:

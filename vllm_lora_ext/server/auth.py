@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from pydantic import SecretStr
@@ -178,18 +178,26 @@ class AdminGuard:
                 )
         return self.table
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine: a request that needs no key is handed on as it is, with no
+        frame of ours in its chain (every request passes here)."""
+        kind = scope["type"]
+        if kind == "lifespan":
             self.table_of(scope)  # read and log the table before serving
-        elif scope["type"] in ("http", "websocket"):
+        elif kind == "http" or kind == "websocket":
             key = self.key_of()
             if key is not None and not self.table_of(scope).allows(scope):
-                headers = dict(scope.get("headers") or [])
-                given = headers.get(b"authorization", b"").decode("latin-1")
-                if not token_ok(given, key):
-                    await _refuse(scope, send)
-                    log_refusal(scope, 401)
-                    return
+                return self._checked(scope, receive, send, key)
+        return self.app(scope, receive, send)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send, key: SecretStr) -> None:
+        """A guarded route: served with the admin key, else refused (401)."""
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        if not token_ok(given, key):
+            await _refuse(scope, send)
+            log_refusal(scope, 401)
+            return
         await self.app(scope, receive, send)
 
 
