@@ -40,7 +40,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
-from request_path import MODEL, PROMPT, batch, engine_args
+from request_path import MODEL, batch, completion_body, engine_args
 from results import record
 from rich.console import Console
 from rich.table import Table
@@ -110,14 +110,7 @@ async def streams(c: httpx.AsyncClient, n: int, tokens: int) -> int:
     carried tokens (under valgrind the engine outruns the API process, and an event may
     carry several tokens, more or fewer from run to run: a stream's cost is counted per
     event, which its tokens' number hardly changes)."""
-    body = {
-        "model": MODEL,
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = completion_body(tokens, True)
     events = 0
     for _ in range(n):
         async with c.stream("POST", "/v1/completions", json=body) as r:

@@ -89,6 +89,22 @@ def pin(server: ServerProcess, api_core: int, engine_core: int) -> None:
                 pass
 
 
+def completion_body(tokens: int, stream: bool) -> dict:
+    """One completion on the adapter, exactly ``tokens`` long; a stream ends with the
+    server's usage (tokens counted by it: an event may carry several)."""
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
 async def batch(c: httpx.AsyncClient, n: int, concurrency: int, tokens: int, stream: bool) -> int:
     """``n`` completions of ``tokens`` tokens, ``concurrency`` at a time; returns the
     completion tokens received."""
@@ -97,16 +113,7 @@ async def batch(c: httpx.AsyncClient, n: int, concurrency: int, tokens: int, str
 
     async def worker() -> None:
         nonlocal got
-        body = {
-            "model": MODEL,
-            "prompt": PROMPT,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": stream,
-        }
-        if stream:  # tokens counted by the server's usage (an event may carry several)
-            body["stream_options"] = {"include_usage": True}
+        body = completion_body(tokens, stream)
         for _ in left:
             if stream:
                 async with c.stream("POST", "/v1/completions", json=body) as r:
