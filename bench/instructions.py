@@ -71,7 +71,11 @@ def valgrind_cmd(out: Path, cache_sim: bool) -> list[str]:
 
 
 def control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+    """Tell the valgrind'ed API process what to do (instrument, zero, dump): bounded, as
+    every wait here."""
+    subprocess.run(
+        ["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120
+    )
 
 
 def totals(dump: Path) -> dict[str, int]:
