@@ -49,10 +49,13 @@ def _random_traffic(capacity, reserve, weights, caps, script):
     live: list[Ticket] = []
     for who, what, size in script:
         name = names[who % len(names)]
-        if what == 0:  # a request, n up to 3
+        if what == 0:  # a request, n up to 3: granted at once as the gate asks, or queued
             ticket = Ticket(name, slots=1 + size % 3)
             live.append(ticket)
-            fs.submit(ticket, front=size % 7 == 0)
+            at_once = not fs.waiting and fs._fits(fs._tenant(name), ticket.slots)
+            assert fs.grant_now(ticket) == at_once == ticket.granted
+            if not at_once:
+                fs.submit(ticket, front=size % 7 == 0)
         elif what == 1:  # one running request ends, having made `size` tokens
             running = [t for t in live if t.granted and not t.done]
             if running:

@@ -40,6 +40,23 @@ def test_admit_leases_current_version_and_release_is_idempotent():
     assert f.version.refcount == 0 and not reg.get("meow").flights
 
 
+def test_lease_is_admit_of_a_served_unpaused_name_and_nothing_else():
+    """The gate's fast path: the same lease as admit for a stable name that serves and
+    is not paused; None (the general path decides) for anything else."""
+    reg = loaded(2, "/a/1", "/a/2")
+    f, g = reg.lease("meow", "r1"), reg.admit("meow", "r2")
+    assert f is not None and f.version is g.version and f.version.number == 2
+    assert not f.exact and f.request_id == "r1" and f.key != g.key
+    assert f.version.refcount == 2 and set(reg.get("meow").flights) == {f.key, g.key}
+    assert reg.release(f) and f.version.refcount == 1
+    assert reg.lease("meow@1", "r") is None and reg.lease("woof", "r") is None
+    reg.pause("meow", "wait")
+    assert reg.lease("meow", "r3") is None
+    reg.resume("meow")
+    reg.unload("meow")
+    assert reg.lease("meow", "r4") is None and g.version.refcount == 1
+
+
 def test_requests_may_share_an_external_id():
     """vLLM accepts duplicate external ids; so do we, each with its own lease."""
     reg = loaded()

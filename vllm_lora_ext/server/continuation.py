@@ -178,7 +178,9 @@ class Stitcher:
         if self.first is None:
             self.first = out
             self.prompt = out.prompt
-            self.prompt_token_ids = list(out.prompt_token_ids or []) or None
+            # vLLM's own list, not a copy (a prompt may be thousands of tokens; nothing
+            # changes it, and a continuation's prompt is a new list).
+            self.prompt_token_ids = out.prompt_token_ids or None
             self.prompt_logprobs = out.prompt_logprobs
             self.num_cached_tokens = out.num_cached_tokens
             added = len(self.prompt_token_ids or ())

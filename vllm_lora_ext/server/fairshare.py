@@ -143,14 +143,38 @@ class FairShare:
         return self._weights.get(name, 1.0), self._caps.get(name)
 
     # ---- requests -----------------------------------------------------------------------
+    def grant_now(self, ticket: Ticket) -> bool:
+        """Grant ``ticket`` at once if nobody waits and it fits, as :meth:`submit` would
+        (every request of an engine with room: one call, nothing to wake); False leaves
+        it for :meth:`submit`."""
+        if self.waiting:
+            return False
+        t = self.tenants.get(ticket.tenant)
+        if t is None:
+            t = self._tenant(ticket.tenant)
+        slots, running = ticket.slots, self.running
+        cap = t.max_in_flight
+        if not (cap is None or t.running == 0 or t.running + slots <= cap):  # under_cap
+            return False
+        if running and not (  # _room
+            running < self.capacity
+            and running + slots
+            <= (self.capacity if t.running == 0 else self.capacity - self.reserve)
+        ):
+            return False
+        ticket.granted = True
+        t.running += slots
+        self.running = running + slots
+        return True
+
     def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:
         """Queue ``ticket`` (``front``: a continuation keeps its place in its tenant's
         queue); returns every ticket granted now (maybe this one)."""
         t = self._tenant(ticket.tenant)
         ticket.front = front
         if not self.waiting and self._fits(t, ticket.slots):
-            # Nobody waits and it fits: granted as the choice below would (every request
-            # of an engine with room comes here; no queue, no scan of the tenants).
+            # Nobody waits and it fits: granted as the choice below would (no queue, no
+            # scan of the tenants).
             self._grant(t, ticket)
             return [ticket]
         if not t.queue and self.waiting:
@@ -188,8 +212,9 @@ class FairShare:
                 self.waiting -= 1
             except ValueError:
                 pass
-        self._forget_idle(t)
-        return self._schedule()
+        if len(self.tenants) > self.max_tenants:
+            self._forget_idle(t)
+        return self._schedule() if self.waiting else []
 
     def forget(self, name: str) -> None:
         """A name that is gone: its counter goes (settings set for it stay); nothing

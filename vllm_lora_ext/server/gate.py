@@ -188,8 +188,9 @@ class Gate:
         share = self.share
         if share is None:
             return None
-        ticket = Ticket(tenant, max(1, slots or 1), priority=priority)
-        self._wake(share.submit(ticket, front))
+        ticket = Ticket(tenant, slots if slots > 1 else 1, priority=priority)
+        if not share.grant_now(ticket):
+            self._wake(share.submit(ticket, front))
         return ticket
 
     async def _await_share(self, ticket: Ticket, flight: Flight | None = None) -> Ticket | None:
@@ -234,7 +235,9 @@ class Gate:
 
     def _give_back(self, ticket: Ticket | None) -> None:
         if ticket is not None and self.share is not None:
-            self._wake(self.share.release(ticket))
+            granted = self.share.release(ticket)
+            if granted:
+                self._wake(granted)
 
     def wake(self, granted: list[Ticket]) -> None:
         """Tickets granted outside the gate (a weight or cap changed) start."""
@@ -338,8 +341,14 @@ class Gate:
                     f"{self.config.hold_timeout_s}s); retry"
                 )
             )
-        target = self._resolve(lora_request)
-        if target is None:  # base model, or an adapter we do not manage
+        # Most requests: one of our names, served and not paused, leased at once.
+        flight = (
+            None
+            if lora_request is None
+            else self.registry.lease(lora_request.lora_name, request_id)
+        )
+        target = None if flight is not None else self._resolve(lora_request)
+        if flight is None and target is None:  # base model, or an adapter we do not manage
             tenant = BASE_TENANT if lora_request is None else lora_request.lora_name
             ticket = self._ask_share(
                 tenant, sampling_params.n, priority=kwargs.get("priority") or 0
@@ -359,6 +368,8 @@ class Gate:
             return
         # vLLM's streaming input (as it tells it; a text or dict prompt skips the ABC check)
         if not isinstance(prompt, (str, dict)) and isinstance(prompt, AsyncGenerator):
+            if flight is not None:
+                self._release(flight)
             raise http_error(
                 LoraExtError(
                     "streaming input is not served on managed adapters (a request is "
@@ -366,7 +377,9 @@ class Gate:
                     status=400,
                 )
             )
-        flight = self._admit(*target, request_id) or await self._admit_held(*target, request_id)
+        if flight is None:
+            assert target is not None
+            flight = self._admit(*target, request_id) or await self._admit_held(*target, request_id)
         # The flight's share of the engine: given back while it is stopped between
         # segments, taken again (first in its tenant's queue) to continue.
         claim: list[Ticket | None] = [None]

@@ -287,6 +287,19 @@ class Registry:
         adapter.flights[flight.key] = flight
         return flight
 
+    def lease(self, name: str, request_id: str) -> Flight | None:
+        """:meth:`admit` of a served, unpaused name's current version, asked by its
+        stable name (most requests: one lookup, no exception to set up); None when it is
+        not that (a version named, unknown, paused): :meth:`admit` and the gate decide."""
+        adapter = self._adapters.get(name)
+        if adapter is None or adapter.paused or adapter.current is None:
+            return None
+        version = adapter.versions[adapter.current]
+        version.refcount += 1
+        flight = Flight(next(self._keys), request_id, name, version)
+        adapter.flights[flight.key] = flight
+        return flight
+
     def rebind(self, flight: Flight) -> None:
         """Move a continuing request onto the current version (unless it is exact)."""
         adapter = self._adapters[flight.name]
