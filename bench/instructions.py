@@ -129,7 +129,9 @@ async def measure(server: ServerProcess, out: Path, args: argparse.Namespace) ->
     async with httpx.AsyncClient(base_url=server.url, timeout=600) as c:
         await batch(c, 20, 1, 1, False)  # first requests pay one-off costs
         await streams(c, 2, args.stream_tokens)
-        req, _ = await counted(server, out, "request", batch(c, args.requests, 1, 1, False))
+        req, _ = await counted(
+            server, out, "request", batch(c, args.requests, args.concurrency, 1, False)
+        )
         tok, events = await counted(
             server, out, "token", streams(c, args.streams, args.stream_tokens)
         )
@@ -195,7 +197,8 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> Table:
             )
     table.caption = (
         f"{args.sets} sets of fresh servers, each server alone under callgrind (the API "
-        f"process), instrumented while {args.requests} 1-token completions, then "
+        f"process), instrumented while {args.requests} 1-token completions "
+        f"({args.concurrency} at a time), then "
         f"{args.streams} streams of {args.stream_tokens} tokens, run on adapter '{MODEL}' "
         "one at a time; per streamed event: the streams' count over their events that carried "
         "tokens (most carry one). Fair "
@@ -210,6 +213,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--streams", type=int, default=20)
     p.add_argument("--stream-tokens", type=int, default=64)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="1-token requests at a time (streams always go one at a time): how many "
+        "outputs the engine hands over together then depends on timing",
+    )
     p.add_argument("--cache-sim", action="store_true", help="simulate caches and branches")
     p.add_argument("--record", type=Path)
     args = p.parse_args()
