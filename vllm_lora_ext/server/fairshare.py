@@ -145,26 +145,14 @@ class FairShare:
     # ---- requests -----------------------------------------------------------------------
     def grant_now(self, ticket: Ticket) -> bool:
         """Grant ``ticket`` at once if nobody waits and it fits, as :meth:`submit` would
-        (every request of an engine with room: one call, nothing to wake); False leaves
-        it for :meth:`submit`."""
+        (every request of an engine with room: no list made, nobody to wake); False
+        leaves it for :meth:`submit`."""
         if self.waiting:
             return False
-        t = self.tenants.get(ticket.tenant)
-        if t is None:
-            t = self._tenant(ticket.tenant)
-        slots, running = ticket.slots, self.running
-        cap = t.max_in_flight
-        if not (cap is None or t.running == 0 or t.running + slots <= cap):  # under_cap
+        t = self.tenants.get(ticket.tenant) or self._tenant(ticket.tenant)
+        if not self._fits(t, ticket.slots):
             return False
-        if running and not (  # _room
-            running < self.capacity
-            and running + slots
-            <= (self.capacity if t.running == 0 else self.capacity - self.reserve)
-        ):
-            return False
-        ticket.granted = True
-        t.running += slots
-        self.running = running + slots
+        self._grant(t, ticket)
         return True
 
     def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:
@@ -212,8 +200,7 @@ class FairShare:
                 self.waiting -= 1
             except ValueError:
                 pass
-        if len(self.tenants) > self.max_tenants:
-            self._forget_idle(t)
+        self._forget_idle(t)
         return self._schedule() if self.waiting else []
 
     def forget(self, name: str) -> None:
