@@ -49,7 +49,7 @@ def _random_traffic(capacity, reserve, weights, caps, script):
     live: list[Ticket] = []
     for who, what, size in script:
         name = names[who % len(names)]
-        if what == 0:  # a request, n up to 3: granted at once as the gate asks, or queued
+        if what == 0:  # a request, n up to 3: granted at once (submit's first step), or queued
             ticket = Ticket(name, slots=1 + size % 3)
             live.append(ticket)
             at_once = not fs.waiting and fs._fits(fs._tenant(name), ticket.slots)

@@ -144,12 +144,11 @@ class FairShare:
 
     # ---- requests -----------------------------------------------------------------------
     def grant_now(self, ticket: Ticket) -> bool:
-        """Grant ``ticket`` at once if nobody waits and it fits, as :meth:`submit` would
-        (every request of an engine with room: no list made, nobody to wake); False
-        leaves it for :meth:`submit`."""
+        """Grant ``ticket`` at once if nobody waits and it fits (every request of an
+        engine with room: no queue, no scan of the tenants); :meth:`submit`'s first step."""
         if self.waiting:
             return False
-        t = self.tenants.get(ticket.tenant) or self._tenant(ticket.tenant)
+        t = self._tenant(ticket.tenant)
         if not self._fits(t, ticket.slots):
             return False
         self._grant(t, ticket)
@@ -158,13 +157,10 @@ class FairShare:
     def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:
         """Queue ``ticket`` (``front``: a continuation keeps its place in its tenant's
         queue); returns every ticket granted now (maybe this one)."""
-        t = self._tenant(ticket.tenant)
         ticket.front = front
-        if not self.waiting and self._fits(t, ticket.slots):
-            # Nobody waits and it fits: granted as the choice below would (no queue, no
-            # scan of the tenants).
-            self._grant(t, ticket)
+        if self.grant_now(ticket):  # as the choice below would
             return [ticket]
+        t = self._tenant(ticket.tenant)
         if not t.queue and self.waiting:
             backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
             if backlogged:
@@ -201,7 +197,7 @@ class FairShare:
             except ValueError:
                 pass
         self._forget_idle(t)
-        return self._schedule() if self.waiting else []
+        return self._schedule()
 
     def forget(self, name: str) -> None:
         """A name that is gone: its counter goes (settings set for it stay); nothing

@@ -189,8 +189,7 @@ class Gate:
         if share is None:
             return None
         ticket = Ticket(tenant, slots if slots > 1 else 1, priority=priority)
-        if not share.grant_now(ticket):
-            self._wake(share.submit(ticket, front))
+        self._wake(share.submit(ticket, front))
         return ticket
 
     async def _await_share(self, ticket: Ticket, flight: Flight | None = None) -> Ticket | None:
@@ -235,9 +234,7 @@ class Gate:
 
     def _give_back(self, ticket: Ticket | None) -> None:
         if ticket is not None and self.share is not None:
-            granted = self.share.release(ticket)
-            if granted:
-                self._wake(granted)
+            self._wake(self.share.release(ticket))
 
     def wake(self, granted: list[Ticket]) -> None:
         """Tickets granted outside the gate (a weight or cap changed) start."""

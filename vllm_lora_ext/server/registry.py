@@ -276,16 +276,7 @@ class Registry:
         """Lease the current (or the named) version of ``name`` for one request."""
         adapter = self.get(name)
         version = adapter.current_version if number is None else self.resident(name, number)
-        version.refcount += 1
-        flight = Flight(
-            key=next(self._keys),
-            request_id=request_id,
-            name=name,
-            version=version,
-            exact=number is not None,
-        )
-        adapter.flights[flight.key] = flight
-        return flight
+        return self._lease(adapter, version, request_id, exact=number is not None)
 
     def lease(self, name: str, request_id: str) -> Flight | None:
         """:meth:`admit` of a served, unpaused name's current version, asked by its
@@ -294,9 +285,13 @@ class Registry:
         adapter = self._adapters.get(name)
         if adapter is None or adapter.paused or adapter.current is None:
             return None
-        version = adapter.versions[adapter.current]
+        return self._lease(adapter, adapter.versions[adapter.current], request_id)
+
+    def _lease(
+        self, adapter: Adapter, version: Version, request_id: str, exact: bool = False
+    ) -> Flight:
         version.refcount += 1
-        flight = Flight(next(self._keys), request_id, name, version)
+        flight = Flight(next(self._keys), request_id, adapter.name, version, exact)
         adapter.flights[flight.key] = flight
         return flight
 
