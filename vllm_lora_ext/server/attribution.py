@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Awaitable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 from starlette._utils import get_route_path
@@ -39,30 +37,30 @@ _VERSION_KEY = VERSION_HEADER.encode()
 ATTRIBUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/inference/v1/generate"})
 
 
-@dataclass(slots=True)
-class _Record:
-    admitted: int
-    samples: Sequence[Sample]
-
-
 class SpanBook:
     """The spans of the engine requests one HTTP request made (engine request id ->
     per-sample spans). One book per HTTP request, so ids repeated across requests (a
-    shared ``X-Request-Id``) never mix, and a book ends with its request."""
+    shared ``X-Request-Id``) never mix, and a book ends with its request.
+
+    Per request, every object and every line of code is memory the CPU fetches again
+    (the path's cost beyond its instructions, bench/RESULTS.md): a record is a tuple,
+    the join cache is made when a response needs one, and the middleware's ``send`` of
+    an annotated response is its book."""
 
     __slots__ = ("_records", "_resolved")
 
     def __init__(self) -> None:
-        self._records: dict[str, _Record] = {}
+        # engine request id -> (admitted version, its samples)
+        self._records: dict[str, tuple[int, Sequence[Sample]]] = {}
         # response id -> (records seen when resolved, its samples in choice order,
         # admitted version): resolved once per response, not per streamed chunk.
-        self._resolved: dict[str, tuple[int, list[Sample], int]] = {}
+        self._resolved: dict[str, tuple[int, list[Sample], int]] | None = None
 
     def __len__(self) -> int:
         return len(self._records)
 
     def track(self, request_id: str, samples: Sequence[Sample], admitted: int) -> None:
-        self._records.setdefault(request_id, _Record(admitted, samples))
+        self._records.setdefault(request_id, (admitted, samples))
 
     def _ids(self, response_id: str) -> list[str]:
         # Chat uses the response id itself; completions run one engine request per
@@ -79,19 +77,22 @@ class SpanBook:
         """The response's samples in choice order (live: their spans grow) and the
         version it was admitted on; None if the response is not ours."""
         if len(self._records) == 1:  # most requests: one engine request, nothing to join
-            for key, record in self._records.items():
+            for key, (admitted, samples) in self._records.items():
                 if key == response_id or _first_of(key, response_id):
-                    return record.samples, record.admitted
-        known = self._resolved.get(response_id)
+                    return samples, admitted
+        resolved = self._resolved
+        if resolved is None:
+            resolved = self._resolved = {}
+        known = resolved.get(response_id)
         if known is not None and known[0] == len(self._records):
             return known[1], known[2]
         ids = self._ids(response_id)
         if not ids:
             return None
-        samples = [s for rid in ids for s in self._records[rid].samples]
-        admitted = self._records[ids[0]].admitted
-        self._resolved[response_id] = (len(self._records), samples, admitted)
-        return samples, admitted
+        joined = [s for rid in ids for s in self._records[rid][1]]
+        admitted = self._records[ids[0]][0]
+        resolved[response_id] = (len(self._records), joined, admitted)
+        return joined, admitted
 
     def admitted(self, response_id: str) -> int | None:
         found = self.lookup(response_id)
@@ -174,13 +175,36 @@ def annotate(
 # compact JSON, the id first: ``id``, or ``request_id`` on the token-in/token-out
 # route): the spans are spliced in after the choice's index,
 # without parsing and re-encoding the body (per streamed token, that was most of our
-# cost on the request path). Anything else takes the parsing path.
-_ID = re.compile(rb'\{"(?:request_)?id":"([^"\\]+)"')
-_CHOICE = re.compile(rb'"choices":\[\{"index":(\d+)')
+# cost on the request path). Anything else takes the parsing path. Found with bytes
+# searches and the spans written with str formatting, as the rest of the server's
+# path does, not a regex or bytes formatting: per request, code no other part of the
+# path runs is code the CPU fetches from memory again (see bench/RESULTS.md).
+_ID_KEYS = (b'{"id":"', b'{"request_id":"')
+_CHOICE_KEY = b'"choices":[{"index":'
 _INDEX_KEY = b'"index":'
 _OPEN = b'"finish_reason":null'  # a chunk that does not end its choice
 _LEAD = b'"choices":[{"index":0,'  # a chunk of the first choice
-_SPAN = b'{"version":%d,"start":%d,"end":%d}'
+
+
+def _id_at(raw: bytes, pos: int) -> str | None:
+    """The response id the JSON at ``pos`` starts with (no escapes in it), or None."""
+    for key in _ID_KEYS:
+        if raw.startswith(key, pos):
+            start = pos + len(key)
+            end = raw.find(b'"', start)
+            if end > start and raw.find(b"\\", start, end) < 0:
+                return raw[start:end].decode()
+            return None
+    return None
+
+
+def _spans_bytes(spans: list[Span]) -> bytes:
+    if len(spans) == 1:  # most choices: one version made them
+        s = spans[0]
+        return f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}'.encode()
+    return ",".join(
+        [f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}' for s in spans]
+    ).encode()
 
 
 def _splice(
@@ -198,20 +222,28 @@ def _splice(
     ``pos``: where the JSON starts (a whole SSE event is spliced in place). ``sent``: a
     stream's spans count per choice as last annotated; a chunk whose choice gained no
     span since and does not end it is left as is."""
-    head = _ID.match(raw, pos)
-    if head is None:
+    rid = _id_at(raw, pos)
+    if rid is None:
         return None
-    rid = head.group(1).decode()
     keys = raw.count(_INDEX_KEY)
-    choice = _CHOICE.search(raw, pos) if keys == 1 else None
-    if keys > 1 or (keys == 1 and choice is None):
+    if keys > 1:
         return None
+    at = end = -1
+    if keys == 1:
+        at = raw.find(_CHOICE_KEY, pos)
+        if at < 0:
+            return None
+        at = end = at + len(_CHOICE_KEY)
+        while raw[end : end + 1].isdigit():
+            end += 1
+        if end == at:
+            return None
     found = book.lookup(rid)
     if found is None:
         return raw, None, rid
     samples, admitted = found
     version = final_version(samples, admitted) if want_version else None
-    index = int(choice.group(1)) if choice is not None else len(samples)
+    index = int(raw[at:end]) if keys == 1 else len(samples)
     if index >= len(samples):  # no choice (a usage chunk), or not one of ours
         return raw, version, rid
     spans_of = samples[index].spans
@@ -219,12 +251,8 @@ def _splice(
         if len(spans_of) == sent.get(index, 0) and _OPEN in raw:
             return raw, version, rid  # the client extends the spans it has
         sent[index] = len(spans_of)
-    if len(spans_of) == 1:  # most choices: one version made them
-        spans = _SPAN % (spans_of[0].version, spans_of[0].start, spans_of[0].end)
-    else:
-        spans = b",".join([_SPAN % (s.version, s.start, s.end) for s in spans_of])
-    at = choice.end()
-    return b"".join((raw[:at], b',"lora_versions":[', spans, b"]", raw[at:])), version, rid
+    spans = _spans_bytes(spans_of)
+    return b"".join((raw[:end], b',"lora_versions":[', spans, b"]", raw[end:])), version, rid
 
 
 def _response_id(body: dict[str, Any]) -> Any:
@@ -275,24 +303,23 @@ class AttributionMiddleware:
         if not _annotated(scope):
             await self.app(scope, receive, send)
             return
-        book = SpanBook()
+        book = _Annotating(send)
         token = _BOOK.set(book)  # as recording() does, without a generator per request
         try:
-            await self.app(scope, receive, _Annotating(book, send).send)
+            await self.app(scope, receive, book.send)
         finally:
             _BOOK.reset(token)
 
 
-class _Annotating:
-    """The ``send`` of one annotated response: a JSON body is annotated whole, a
-    stream event by event; any other response (an error, another type) passes as is.
-    The headers wait for the body (JSON) or the first whole event (its id names the
-    request, and so the version for ``x-lora-version``)."""
+class _Annotating(SpanBook):
+    """The book of one annotated request and the ``send`` of its response: a JSON body
+    is annotated whole, a stream event by event; any other response (an error, another
+    type) passes as is. The headers wait for the body (JSON) or the first whole event
+    (its id names the request, and so the version for ``x-lora-version``)."""
 
     # One per annotated request (slotted: nothing more to allocate or traverse).
     __slots__ = (
         "_send",
-        "book",
         "chunks",
         "lead",
         "mode",
@@ -305,15 +332,17 @@ class _Annotating:
         "tail",
     )
 
-    def __init__(self, book: SpanBook, send: Send) -> None:
-        self.book = book
+    def __init__(self, send: Send) -> None:
+        self._records = {}
+        self._resolved = None
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
         self.mode = "pass"  # "json", "sse" or "pass"
         self.chunks: list[bytes] | None = None  # a JSON body sent in parts, so far
         self.tail = b""  # an SSE event not complete yet
         self.response_id: str | None = None
-        self.sent: dict[int, int] = {}  # choice index -> spans in its last annotated chunk
+        # choice index -> spans in its last annotated chunk (a stream's, made with it)
+        self.sent: dict[int, int] | None = None
         self.lead: Sample | None = None  # the first choice's sample, once known
         # How this stream's chunks of the first choice start (id, created, model and
         # the choice's index are the same in each); never matches until learnt.
@@ -343,6 +372,8 @@ class _Annotating:
             self.mode = _mode(message)
             if self.mode == "pass":
                 return self._send(message)
+            if self.mode == "sse":
+                self.sent = {}
             self.start = message
             return _KEPT
         if kind != "http.response.body" or self.mode == "pass":
@@ -360,7 +391,7 @@ class _Annotating:
             if more:
                 return
             body = b"".join(self.chunks)
-        out, version, _ = annotate_body(body, self.book)
+        out, version, _ = annotate_body(body, self)
         assert self.start is not None
         values = {b"content-length": str(len(out))}
         if version is not None:
@@ -375,7 +406,7 @@ class _Annotating:
             if body.find(b"\n\n") == len(body) - 2:  # one whole event, as vLLM sends
                 spliced = None
                 if body.startswith(b"data: {"):  # spliced in place, no copies
-                    spliced = _splice(body, self.book, False, 6, self.sent)
+                    spliced = _splice(body, self, False, 6, self.sent)
                 if spliced is None:  # the parsing path (it learns the prefix too)
                     event = body[:-2]
                     out = self._event(event)
@@ -400,7 +431,7 @@ class _Annotating:
         if not out and more:
             return  # no whole event yet
         if self.start is not None:
-            admitted = self.book.admitted(self.response_id) if self.response_id else None
+            admitted = self.admitted(self.response_id) if self.response_id else None
             if admitted is not None:
                 _set_headers(self.start, {_VERSION_KEY: str(admitted)})
             await self._send(self.start)
@@ -420,10 +451,10 @@ class _Annotating:
         if not event.startswith(b"data: {"):
             return event  # [DONE], a comment, an empty event
         body = event[6:]
-        out, _, rid = annotate_body(body, self.book, want_version=False, sent=self.sent)
+        out, _, rid = annotate_body(body, self, want_version=False, sent=self.sent)
         if self.response_id is None and rid is not None:
             self.response_id = rid
-            found = self.book.lookup(rid)
+            found = self.lookup(rid)
             self.lead = found[0][0] if found is not None and found[0] else None
         if self.lead is not None:
             self._learn(event)
