@@ -10,7 +10,9 @@ servers of one kind differ by 0.2-0.5 %, so a difference of half a percent shows
 minutes. With ``--cache-sim`` callgrind also simulates the caches and branch predictors,
 and the table adds an estimated cycle count (instructions + 10 per L1 miss and
 mispredicted branch + 100 per last-level miss): whether the plugin's extra instructions
-cost more than their number (a larger footprint would).
+cost more than their number (a larger footprint would). ``--ll BYTES`` sets the simulated
+last level (callgrind takes the host's L3 by default): ``--ll 2097152``, this machine's
+L2, is where the plugin's misses show (see ``footprint.py``).
 
 What it is not: time. A count says how much more work the plugin does, not how long that
 work takes on a loaded machine; ``request_path.py`` stays the goal's measure.
@@ -56,7 +58,7 @@ LL = ("ILmr", "DLmr", "DLmw")
 MISPREDICTED = ("Bcm", "Bim")
 
 
-def valgrind_cmd(out: Path, cache_sim: bool) -> list[str]:
+def valgrind_cmd(out: Path, cache_sim: bool, ll_bytes: int | None = None) -> list[str]:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("instructions: needs valgrind with callgrind (Debian: valgrind)")
     cmd = [
@@ -67,7 +69,10 @@ def valgrind_cmd(out: Path, cache_sim: bool) -> list[str]:
         "--collect-jumps=no",
         f"--callgrind-out-file={out}",
     ]
-    return cmd + (["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else [])
+    if not cache_sim:
+        return cmd
+    cmd += ["--cache-sim=yes", "--branch-sim=yes"]
+    return [*cmd, f"--LL={ll_bytes},16,64"] if ll_bytes else cmd
 
 
 def control(pid: int, *args: str) -> None:
@@ -145,7 +150,7 @@ def run_server(name: str, plugins: str, toy, logs: Path, args: argparse.Namespac
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     out = logs / f"{name}.callgrind"
-    cmd = valgrind_cmd(out, args.cache_sim) + engine_args(toy, port)
+    cmd = valgrind_cmd(out, args.cache_sim, args.ll) + engine_args(toy, port)
     # The hash seed fixed: sets and dicts laid out alike in each server. vLLM's stats
     # log every 10 s of wall time: under valgrind that is more often per request for
     # the slower server, and it is no per-request work (the stats themselves stay on).
@@ -203,6 +208,7 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> Table:
         "one at a time; per streamed event: the streams' count over their events that carried "
         "tokens (most carry one). Fair "
         "share on. Counts, not time: see request_path for the CPU time."
+        + (f" Simulated last level: {args.ll:,} B, 16-way." if args.cache_sim and args.ll else "")
     )
     return table
 
@@ -221,6 +227,12 @@ def main() -> None:
         "outputs the engine hands over together then depends on timing",
     )
     p.add_argument("--cache-sim", action="store_true", help="simulate caches and branches")
+    p.add_argument(
+        "--ll",
+        type=int,
+        metavar="BYTES",
+        help="the simulated last-level cache's size (16-way; default: the host's)",
+    )
     p.add_argument("--record", type=Path)
     args = p.parse_args()
     toy = build_toy_assets()
