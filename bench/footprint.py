@@ -10,7 +10,7 @@ reads. A real server's misses move by +-300 from one server to the next (its mem
 layout), too much to compare two versions of our code. Here, on the fake engine (vLLM's
 own ``AsyncLLM`` request code, a scripted core: ``tests/unit/fakes.py``) in one process,
 each request starts from flushed caches, so its misses are the lines it touches: the
-same count within ~10 lines from run to run, in about a minute.
+same count within ~30 lines from run to run, in about a minute.
 
 Phases, each run ``--requests`` times through a minimal ASGI app that makes one
 engine request and answers vLLM's JSON body: ``stock`` (vLLM's ``generate``), ``gate``
@@ -225,7 +225,7 @@ def render(found: dict[str, dict[str, int]], requests: int) -> Table:
         "callgrind's simulated caches (last level 2 MB, 16-way), one at a time, on the fake "
         "engine: a 1-token completion on adapter 'meow' answered with vLLM's JSON body. "
         "lines: misses per request, less the flush's own (measured alone); code lines: "
-        "instruction fetches. Deterministic within ~10 lines."
+        "instruction fetches. The same code reads the same within ~30 lines."
     )
     return table
 
