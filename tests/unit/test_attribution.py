@@ -270,7 +270,8 @@ text = st.text(
 @st.composite
 def vllm_body(draw) -> tuple[bytes, str]:
     """One response or chunk as vLLM serializes it (its own pydantic models)."""
-    rid = draw(st.sampled_from(["cmpl-a", "cmpl-b", "chatcmpl-c"]))
+    # Ids with a quote or a backslash (escaped in JSON) are not the splice's: parsed.
+    rid = draw(st.sampled_from(["cmpl-a", "cmpl-b", "chatcmpl-c", 'cmpl-"q', "cmpl-\\b"]))
     kinds = ["stream", "chat-stream", "response", "usage", "generate-stream", "generate"]
     kind = draw(st.sampled_from(kinds))
     n = draw(st.integers(1, 3)) if kind in ("response", "generate") else 1
@@ -347,7 +348,7 @@ def test_the_splice_annotates_exactly_as_parsing_does(body, spans, prior):
     assert (version, got_rid) == (slow_version, slow_rid)
     if version is None:
         assert out == raw  # not ours (or nothing to add): vLLM's bytes as they were
-    if raw.count(b'"index":') <= 1:
+    if raw.count(b'"index":') <= 1 and '"' not in rid and "\\" not in rid:
         assert _splice(raw, book) is not None
         # The same splice done in place on a whole SSE event, as the stream's hot path does.
         event, _, _ = _splice(b"data: " + raw + b"\n\n", book, want_version=False, pos=6)
@@ -357,3 +358,19 @@ def test_the_splice_annotates_exactly_as_parsing_does(body, spans, prior):
     fast, _, _ = annotate_body(raw, book, want_version=False, sent=fast_sent)
     slow, _, _ = reencode(raw, book, sent=slow_sent)
     assert json.loads(fast) == json.loads(slow) and fast_sent == slow_sent
+
+
+def test_a_body_the_splice_cannot_read_is_parsed():
+    """An id with escapes, or an index that is not a number: the parsing path decides
+    (the splice reads neither)."""
+    book = SpanBook()
+    book.track('cmpl-"q', samples([(3, 0, 1)]), admitted=3)
+    raw = json.dumps({"id": 'cmpl-"q', "choices": [{"index": 0, "text": "x"}]}).encode()
+    raw = raw.replace(b": ", b":").replace(b", ", b",")
+    assert _splice(raw, book) is None
+    out, version, rid = annotate_body(raw, book)
+    assert json.loads(out)["choices"][0]["lora_versions"] == [{"version": 3, "start": 0, "end": 1}]
+    assert (version, rid) == (3, 'cmpl-"q')
+    odd = b'{"id":"cmpl-a","choices":[{"index":"0","text":"x"}]}'
+    assert _splice(odd, book) is None
+    assert annotate_body(odd, book) == (odd, None, "cmpl-a")

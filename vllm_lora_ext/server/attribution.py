@@ -199,6 +199,7 @@ def _id_at(raw: bytes, pos: int) -> str | None:
 
 
 def _spans_bytes(spans: list[Span]) -> bytes:
+    """A choice's spans as the JSON objects of its ``lora_versions`` list."""
     if len(spans) == 1:  # most choices: one version made them
         s = spans[0]
         return f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}'.encode()
@@ -333,7 +334,7 @@ class _Annotating(SpanBook):
     )
 
     def __init__(self, send: Send) -> None:
-        self._records = {}
+        self._records = {}  # the book's fields, as SpanBook() makes them (one call less)
         self._resolved = None
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
