@@ -30,18 +30,19 @@ import asyncio
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from instructions import control, totals, valgrind_cmd
+from results import record
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUSH_BYTES = 4 << 20  # twice the simulated last-level cache
-LL = "--LL=2097152,16,64"  # this machine's L2
+LL_BYTES = 2 << 20  # this machine's L2
 PHASES = ("stock", "gate", "gate, no share", "gate + book", "gate + attribution", "served")
 BODY = json.dumps(
     {
@@ -68,13 +69,6 @@ BODY = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
-
-
-def control(*args: str) -> None:
-    """Tell callgrind (this very process runs under it) what to do."""
-    subprocess.run(
-        ["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True, timeout=120
-    )
 
 
 async def inner(requests: int) -> None:
@@ -171,30 +165,23 @@ async def inner(requests: int) -> None:
     gc.collect()
     gc.disable()  # a collection lands in one phase or another
     for name in ("flush", *PHASES):
-        control("--zero")
-        control("--instr=on")
+        control(os.getpid(), "--zero")
+        control(os.getpid(), "--instr=on")
         for _ in range(requests):
             await one(name, True)
-        control("--instr=off")
-        control(f"--dump={name}")
+        control(os.getpid(), "--instr=off")
+        control(os.getpid(), f"--dump={name}")
         await asyncio.sleep(1)  # the dump is written by this process, as it runs on
 
 
 def read_dumps(out: Path) -> dict[str, dict[str, int]]:
-    """Event totals per phase, from callgrind's dumps."""
+    """Event totals per phase (its dump's label), from callgrind's dumps."""
     found = {}
     for dump in sorted(out.parent.glob(f"{out.name}.*")):
-        events: list[str] = []
-        name = totals = None
         for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith("events:"):
-                events = line.split()[1:]
-            elif line.startswith("desc: Trigger: dump "):
-                name = line.removeprefix("desc: Trigger: dump ").strip()
-            elif line.startswith("totals:"):
-                totals = dict(zip(events, map(int, line.split()[1:]), strict=False))
-        if name is not None and totals is not None:
-            found[name] = totals
+            if line.startswith("desc: Trigger: dump "):
+                found[line.removeprefix("desc: Trigger: dump ").strip()] = totals(dump)
+                break
     return found
 
 
@@ -239,23 +226,10 @@ def main() -> None:
     if args.inner:
         asyncio.run(inner(args.requests))
         return
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise SystemExit("footprint: needs valgrind with callgrind (Debian: valgrind)")
     work = Path(tempfile.mkdtemp(prefix="footprint_"))
     out = work / "callgrind"
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        "--collect-jumps=no",
-        "--cache-sim=yes",
-        LL,
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        __file__,
-        "--inner",
-        f"--requests={args.requests}",
-    ]
+    cmd = valgrind_cmd(out, cache_sim=True, ll_bytes=LL_BYTES)
+    cmd += [sys.executable, __file__, "--inner", f"--requests={args.requests}"]
     with open(work / "log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=1800)
     found = read_dumps(out)
@@ -265,8 +239,6 @@ def main() -> None:
     table = render(found, args.requests)
     Console().print(table)
     if args.record:
-        from results import record
-
         record(args.record, "footprint", table)
 
 

@@ -183,7 +183,7 @@ _ID_KEYS = (b'{"id":"', b'{"request_id":"')
 _CHOICE_KEY = b'"choices":[{"index":'
 _INDEX_KEY = b'"index":'
 _OPEN = b'"finish_reason":null'  # a chunk that does not end its choice
-_LEAD = b'"choices":[{"index":0,'  # a chunk of the first choice
+_LEAD = _CHOICE_KEY + b"0,"  # a chunk of the first choice
 
 
 def _id_at(raw: bytes, pos: int) -> str | None:
@@ -334,8 +334,7 @@ class _Annotating(SpanBook):
     )
 
     def __init__(self, send: Send) -> None:
-        self._records = {}  # the book's fields, as SpanBook() makes them (one call less)
-        self._resolved = None
+        super().__init__()
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
         self.mode = "pass"  # "json", "sse" or "pass"
