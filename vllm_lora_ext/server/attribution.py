@@ -76,10 +76,11 @@ class SpanBook:
     def lookup(self, response_id: str) -> tuple[Sequence[Sample], int] | None:
         """The response's samples in choice order (live: their spans grow) and the
         version it was admitted on; None if the response is not ours."""
-        if len(self._records) == 1:  # most requests: one engine request, nothing to join
-            for key, (admitted, samples) in self._records.items():
-                if key == response_id or _first_of(key, response_id):
-                    return samples, admitted
+        records = self._records
+        if len(records) == 1:  # most requests: one engine request, nothing to join
+            record = records.get(response_id) or records.get(response_id + "-0")
+            if record is not None:
+                return record[1], record[0]
         resolved = self._resolved
         if resolved is None:
             resolved = self._resolved = {}
@@ -102,11 +103,6 @@ class SpanBook:
         """Spans per choice index (a copy), or None if the response is not ours."""
         found = self.lookup(response_id)
         return [list(s.spans) for s in found[0]] if found is not None else None
-
-
-def _first_of(key: str, response_id: str) -> bool:
-    """Whether ``key`` is ``<response_id>-0`` (compared without building it)."""
-    return len(key) == len(response_id) + 2 and key.startswith(response_id) and key.endswith("-0")
 
 
 _BOOK: ContextVar[SpanBook | None] = ContextVar("lora_ext_span_book", default=None)
@@ -175,37 +171,40 @@ def annotate(
 # compact JSON, the id first: ``id``, or ``request_id`` on the token-in/token-out
 # route): the spans are spliced in after the choice's index,
 # without parsing and re-encoding the body (per streamed token, that was most of our
-# cost on the request path). Anything else takes the parsing path. Found with bytes
-# searches and the spans written with str formatting, as the rest of the server's
-# path does, not a regex or bytes formatting: per request, code no other part of the
-# path runs is code the CPU fetches from memory again (see bench/RESULTS.md).
+# cost on the request path). Anything else takes the parsing path. Found with
+# ``partition``, ``in`` and slices and written with str formatting and ``+``, not a
+# regex, ``find``, ``startswith`` (bytes methods that parse their arguments with C code
+# nothing else on a request's path runs) or a join: per request, code no other part of
+# the path runs is code the CPU fetches from memory again (see bench/RESULTS.md).
 _ID_KEYS = (b'{"id":"', b'{"request_id":"')
-_CHOICE_KEY = b'"choices":[{"index":'
+_CHOICES_OPEN = b'"choices":[{'
 _INDEX_KEY = b'"index":'
+_CHOICE_KEY = _CHOICES_OPEN + _INDEX_KEY
 _OPEN = b'"finish_reason":null'  # a chunk that does not end its choice
 _LEAD = _CHOICE_KEY + b"0,"  # a chunk of the first choice
+# An id longer than this takes the parsing path (vLLM's are ~40 bytes).
+_ID_WINDOW = 256
 
 
 def _id_at(raw: bytes, pos: int) -> str | None:
     """The response id the JSON at ``pos`` starts with (no escapes in it), or None."""
     for key in _ID_KEYS:
-        if raw.startswith(key, pos):
-            start = pos + len(key)
-            end = raw.find(b'"', start)
-            if end > start and raw.find(b"\\", start, end) < 0:
-                return raw[start:end].decode()
-            return None
+        start = pos + len(key)
+        if raw[pos:start] == key:
+            rid, quote, _ = raw[start : start + _ID_WINDOW].partition(b'"')
+            return rid.decode() if quote and rid and b"\\" not in rid else None
     return None
 
 
 def _spans_bytes(spans: list[Span]) -> bytes:
-    """A choice's spans as the JSON objects of its ``lora_versions`` list."""
+    """A choice's spans as its ``lora_versions`` key and list, to follow its index."""
     if len(spans) == 1:  # most choices: one version made them
         s = spans[0]
-        return f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}'.encode()
-    return ",".join(
-        [f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}' for s in spans]
-    ).encode()
+        return (
+            f',"lora_versions":[{{"version":{s.version},"start":{s.start},"end":{s.end}}}]'.encode()
+        )
+    listed = ",".join([f'{{"version":{s.version},"start":{s.start},"end":{s.end}}}' for s in spans])
+    return f',"lora_versions":[{listed}]'.encode()
 
 
 def _splice(
@@ -226,15 +225,12 @@ def _splice(
     rid = _id_at(raw, pos)
     if rid is None:
         return None
-    keys = raw.count(_INDEX_KEY)
-    if keys > 1:
-        return None
+    head, key, tail = raw.partition(_INDEX_KEY)
     at = end = -1
-    if keys == 1:
-        at = raw.find(_CHOICE_KEY, pos)
-        if at < 0:
+    if key:  # one choice: its index is the only one, the choice's first key
+        if _INDEX_KEY in tail or head[-len(_CHOICES_OPEN) :] != _CHOICES_OPEN:
             return None
-        at = end = at + len(_CHOICE_KEY)
+        at = end = len(head) + len(key)
         while raw[end : end + 1].isdigit():
             end += 1
         if end == at:
@@ -244,7 +240,7 @@ def _splice(
         return raw, None, rid
     samples, admitted = found
     version = final_version(samples, admitted) if want_version else None
-    index = int(raw[at:end]) if keys == 1 else len(samples)
+    index = int(raw[at:end]) if key else len(samples)
     if index >= len(samples):  # no choice (a usage chunk), or not one of ours
         return raw, version, rid
     spans_of = samples[index].spans
@@ -252,20 +248,12 @@ def _splice(
         if len(spans_of) == sent.get(index, 0) and _OPEN in raw:
             return raw, version, rid  # the client extends the spans it has
         sent[index] = len(spans_of)
-    spans = _spans_bytes(spans_of)
-    return b"".join((raw[:end], b',"lora_versions":[', spans, b"]", raw[end:])), version, rid
+    return raw[:end] + _spans_bytes(spans_of) + raw[end:], version, rid
 
 
 def _response_id(body: dict[str, Any]) -> Any:
     """OpenAI responses name it ``id``; vLLM's token-in/token-out ``request_id``."""
     return body.get("id") or body.get("request_id")
-
-
-def _header(message: Message, name: bytes) -> bytes | None:
-    for key, value in message.get("headers", ()):
-        if key == name or key.lower() == name:  # Starlette's names are lower case already
-            return value
-    return None
 
 
 class _Kept:
@@ -301,7 +289,11 @@ class AttributionMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _annotated(scope):
+        if not (  # an annotated route (as routed: --root-path aware)
+            scope["type"] == "http"
+            and scope.get("method") == "POST"
+            and get_route_path(scope) in ATTRIBUTED_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         book = _Annotating(send)
@@ -334,7 +326,7 @@ class _Annotating(SpanBook):
     )
 
     def __init__(self, send: Send) -> None:
-        super().__init__()
+        SpanBook.__init__(self)  # (not super(): one object fewer per request)
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
         self.mode = "pass"  # "json", "sse" or "pass"
@@ -391,7 +383,8 @@ class _Annotating(SpanBook):
             if more:
                 return
             body = b"".join(self.chunks)
-        out, version, _ = annotate_body(body, self)
+        spliced = _splice(body, self)  # annotate_body, without its call
+        out, version, _ = spliced if spliced is not None else reencode(body, self)
         assert self.start is not None
         values = {b"content-length": str(len(out))}
         if version is not None:
@@ -464,20 +457,17 @@ class _Annotating(SpanBook):
 def _mode(start: Message) -> str:
     if start.get("status") != 200:
         return "pass"
-    ctype = _header(start, b"content-type") or b""
-    if ctype.startswith(b"application/json"):
+    ctype = b""
+    for key, value in start.get("headers", ()):
+        # Starlette's names are lower case already (others of its length are lowered)
+        if key == b"content-type" or (len(key) == 12 and key.lower() == b"content-type"):
+            ctype = value
+            break
+    if ctype[:16] == b"application/json":  # (slices: no startswith on a JSON path)
         return "json"
-    if ctype.startswith(b"text/event-stream"):
+    if ctype[:17] == b"text/event-stream":
         return "sse"
     return "pass"
-
-
-def _annotated(scope: Scope) -> bool:
-    return (
-        scope["type"] == "http"
-        and scope.get("method") == "POST"
-        and get_route_path(scope) in ATTRIBUTED_PATHS  # as routed (--root-path aware)
-    )
 
 
 def annotate_body(

@@ -148,10 +148,16 @@ class FairShare:
         engine with room: no queue, no scan of the tenants); :meth:`submit`'s first step."""
         if self.waiting:
             return False
-        t = self._tenant(ticket.tenant)
-        if not self._fits(t, ticket.slots):
+        t = self.tenants.get(ticket.tenant) or self._tenant(ticket.tenant)
+        slots = ticket.slots
+        # Below the reserve and uncapped, it fits (limit(t) >= capacity - reserve); the
+        # checks are made in full only near the top (fewer calls on every request's way).
+        near = self.running + slots > self.capacity - self.reserve
+        if (near or t.max_in_flight is not None) and not self._fits(t, slots):
             return False
-        self._grant(t, ticket)
+        ticket.granted = True  # _grant, inline
+        t.running += slots
+        self.running += slots
         return True
 
     def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:
@@ -196,8 +202,9 @@ class FairShare:
                 self.waiting -= 1
             except ValueError:
                 pass
-        self._forget_idle(t)
-        return self._schedule()
+        if len(self.tenants) > self.max_tenants:
+            self._forget_idle(t)
+        return self._schedule() if self.waiting else []
 
     def forget(self, name: str) -> None:
         """A name that is gone: its counter goes (settings set for it stay); nothing

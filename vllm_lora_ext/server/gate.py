@@ -189,7 +189,8 @@ class Gate:
         if share is None:
             return None
         ticket = Ticket(tenant, slots if slots > 1 else 1, priority=priority)
-        self._wake(share.submit(ticket, front))
+        if not share.grant_now(ticket):  # (submit's first step, without its list)
+            self._wake(share.submit(ticket, front))
         return ticket
 
     async def _await_share(self, ticket: Ticket, flight: Flight | None = None) -> Ticket | None:
