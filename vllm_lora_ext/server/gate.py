@@ -550,7 +550,8 @@ class Gate:
             for internal_id in flight.segments:
                 self._by_segment.pop(internal_id, None)
             flight.segments.clear()
-            self.pulse(flight.name)
+            if self._events:  # somebody waits (pulse, without its call)
+                self.pulse(flight.name)
             if flight.version.refcount == 0 and not self.registry.serving(flight.version):
                 self._settle(flight.name)  # its version may leave now, or the name go
 
@@ -577,7 +578,8 @@ class Gate:
         queue vLLM puts the segment's outputs in (its ``RequestOutputCollector``). The
         segment is in the context variable meanwhile: :meth:`_assign` links it to the
         flight when vLLM mints its id."""
-        lora = lora_request_of(seg.flight.version)
+        version = seg.flight.version
+        lora = version.engine_request or lora_request_of(version)  # made once
         token = _SEGMENT.set(seg)
         try:
             queue = await self._add_request(request_id, prompt, params, lora_request=lora, **kwargs)
