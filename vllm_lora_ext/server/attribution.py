@@ -383,8 +383,7 @@ class _Annotating(SpanBook):
             if more:
                 return
             body = b"".join(self.chunks)
-        spliced = _splice(body, self)  # annotate_body, without its call
-        out, version, _ = spliced if spliced is not None else reencode(body, self)
+        out, version, _ = annotate_body(body, self)
         assert self.start is not None
         values = {b"content-length": str(len(out))}
         if version is not None:
@@ -454,18 +453,25 @@ class _Annotating(SpanBook):
         return event if out is body else b"data: " + out
 
 
+_CONTENT_TYPE = b"content-type"
+_JSON = b"application/json"
+_SSE = b"text/event-stream"
+
+
 def _mode(start: Message) -> str:
     if start.get("status") != 200:
         return "pass"
     ctype = b""
     for key, value in start.get("headers", ()):
         # Starlette's names are lower case already (others of its length are lowered)
-        if key == b"content-type" or (len(key) == 12 and key.lower() == b"content-type"):
+        if key == _CONTENT_TYPE or (
+            len(key) == len(_CONTENT_TYPE) and key.lower() == _CONTENT_TYPE
+        ):
             ctype = value
             break
-    if ctype[:16] == b"application/json":  # (slices: no startswith on a JSON path)
+    if ctype[: len(_JSON)] == _JSON:  # (slices: no startswith on a JSON path)
         return "json"
-    if ctype[:17] == b"text/event-stream":
+    if ctype[: len(_SSE)] == _SSE:
         return "sse"
     return "pass"
 

@@ -195,15 +195,11 @@ class Stitcher:
                 # never shown again, only the tokens are needed (to continue from).
                 ids += c.token_ids  # only read (a delta view shows the engine's own list)
             else:
-                if not ids:  # a first output (most requests: the only one): no splicing
-                    ids += c.token_ids
-                    s.text = c.text
-                else:
-                    ids[s.base_tokens :] = c.token_ids
-                    s.text = s.text[: s.base_text] + c.text
+                if c.logprobs is not None and s.logprobs is None:
+                    s.logprobs = []
+                ids[s.base_tokens :] = c.token_ids
+                s.text = s.text[: s.base_text] + c.text
                 if c.logprobs is not None:
-                    if s.logprobs is None:
-                        s.logprobs = []
                     s.logprobs[s.base_tokens :] = list(c.logprobs)
             if c.cumulative_logprob is not None:
                 s.cumulative_logprob = s.base_cum + c.cumulative_logprob

@@ -148,16 +148,14 @@ class FairShare:
         engine with room: no queue, no scan of the tenants); :meth:`submit`'s first step."""
         if self.waiting:
             return False
-        t = self.tenants.get(ticket.tenant) or self._tenant(ticket.tenant)
+        t = self._tenant(ticket.tenant)
         slots = ticket.slots
         # Below the reserve and uncapped, it fits (limit(t) >= capacity - reserve); the
         # checks are made in full only near the top (fewer calls on every request's way).
         near = self.running + slots > self.capacity - self.reserve
         if (near or t.max_in_flight is not None) and not self._fits(t, slots):
             return False
-        ticket.granted = True  # _grant, inline
-        t.running += slots
-        self.running += slots
+        self._grant(t, ticket)
         return True
 
     def submit(self, ticket: Ticket, front: bool = False) -> list[Ticket]:

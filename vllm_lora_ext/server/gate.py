@@ -550,8 +550,7 @@ class Gate:
             for internal_id in flight.segments:
                 self._by_segment.pop(internal_id, None)
             flight.segments.clear()
-            if self._events:  # somebody waits (pulse, without its call)
-                self.pulse(flight.name)
+            self.pulse(flight.name)
             if flight.version.refcount == 0 and not self.registry.serving(flight.version):
                 self._settle(flight.name)  # its version may leave now, or the name go
 
@@ -578,8 +577,7 @@ class Gate:
         queue vLLM puts the segment's outputs in (its ``RequestOutputCollector``). The
         segment is in the context variable meanwhile: :meth:`_assign` links it to the
         flight when vLLM mints its id."""
-        version = seg.flight.version
-        lora = version.engine_request or lora_request_of(version)  # made once
+        lora = lora_request_of(seg.flight.version)
         token = _SEGMENT.set(seg)
         try:
             queue = await self._add_request(request_id, prompt, params, lora_request=lora, **kwargs)

@@ -285,11 +285,7 @@ class Registry:
         adapter = self._adapters.get(name)
         if adapter is None or adapter.paused or adapter.current is None:
             return None
-        version = adapter.versions[adapter.current]  # _lease, without its call
-        version.refcount += 1
-        flight = Flight(next(self._keys), request_id, name, version, False)
-        adapter.flights[flight.key] = flight
-        return flight
+        return self._lease(adapter, adapter.versions[adapter.current], request_id)
 
     def _lease(
         self, adapter: Adapter, version: Version, request_id: str, exact: bool = False
