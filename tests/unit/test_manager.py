@@ -699,6 +699,40 @@ async def test_staging_work_still_runs_after_close():
     assert await asyncio.wait_for(staging.run(lambda: 41 + 1), 5) == 42
 
 
+async def test_close_releases_each_lease_once_while_a_discard_thread_releases(
+    tmp_path, monkeypatch
+):
+    """Shutdown cancels a removal whose discard still runs on a copier thread: that
+    thread and close() release leases at once (CI saw close() fail with 'dictionary
+    changed size during iteration'). Each lease goes exactly once, none is left."""
+    import threading
+
+    from vllm_lora_ext.server.registry import Version
+    from vllm_lora_ext.server.staging import Staging
+
+    staging = Staging(LoraExtConfig(), lambda path: None)
+    versions = []
+    for n in (1, 2, 3):
+        (tmp_path / f"step_{n}").mkdir()
+        versions.append(Version("meow", n, n, str(tmp_path / f"step_{n}")))
+        await staging._lease(versions[-1])
+    released: list[Path] = []
+    real = broadcast.release_lease
+
+    def release_lease(lease: Path) -> None:
+        released.append(lease)
+        if len(released) == 1:  # the discard of another version runs meanwhile
+            thread = threading.Thread(target=staging.discard, args=(versions[2],))
+            thread.start()
+            thread.join()
+        real(lease)
+
+    monkeypatch.setattr(broadcast, "release_lease", release_lease)
+    await staging.close()
+    assert sorted(p.parent.parent.name for p in released) == ["step_1", "step_2", "step_3"]
+    assert not list(tmp_path.glob("step_*/.leases/*"))
+
+
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
     m, _ = await make(tmp_path)  # keep_versions=1
     await m.pin("meow", 1, True)

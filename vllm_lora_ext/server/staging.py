@@ -241,7 +241,12 @@ class Staging:
             await asyncio.sleep(self.config.lease_ttl_s / 3)
 
     def release(self, version: Version) -> None:
-        lease = self._leases.pop(version.lora_int_id, None)
+        self._release(version.lora_int_id)
+
+    def _release(self, lora_int_id: int) -> None:
+        # Popped before it is released: a copier thread's discard and close() may race
+        # for one lease, and only one of them gets it.
+        lease = self._leases.pop(lora_int_id, None)
         if lease is not None:
             broadcast.release_lease(lease)
 
@@ -328,9 +333,10 @@ class Staging:
         for root in (self.root, self._spill):
             if root is not None:
                 await asyncio.to_thread(shutil.rmtree, root, True)
-        for lease in self._leases.values():
-            broadcast.release_lease(lease)
-        self._leases.clear()
+        # A removal cancelled by shutdown leaves its discard running on a copier thread,
+        # releasing leases while this loop runs: walk a copy of the ids.
+        for lora_int_id in list(self._leases):
+            self._release(lora_int_id)
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
