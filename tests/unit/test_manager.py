@@ -733,6 +733,21 @@ async def test_close_releases_each_lease_once_while_a_discard_thread_releases(
     assert not list(tmp_path.glob("step_*/.leases/*"))
 
 
+async def test_a_copy_started_after_close_fails_and_leaves_no_directory(tmp_path):
+    """A load still staging when the server shuts down must not make the staging
+    directory again: nothing would sweep it (it has no owner lock)."""
+    from vllm_lora_ext.server.registry import Version
+    from vllm_lora_ext.server.staging import Staging
+
+    staging = Staging(LoraExtConfig(), lambda path: None)
+    root = staging.root
+    await staging.close()
+    version = Version("meow", 1, 1, str(write_adapter(tmp_path / "meow1")))
+    with pytest.raises(InvalidAdapterError, match="cannot read adapter"):
+        await staging.run(staging.stage, version, None)
+    assert root is not None and not root.exists()
+
+
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):
     m, _ = await make(tmp_path)  # keep_versions=1
     await m.pin("meow", 1, True)

@@ -297,7 +297,7 @@ class Staging:
         """Copy ``version``'s adapter files into ``dest``, each opened under a root
         without following a link; a broadcast step's files hashed as they are copied.
         Never a hard link: the trainer could rewrite a linked file under a live version."""
-        dest.mkdir(parents=True)
+        dest.mkdir()  # not its parent: a copy ending after close() must not make it again
         if manifest is not None:
             broadcast.copy_verified(
                 version.path,
