@@ -743,9 +743,31 @@ async def test_a_copy_started_after_close_fails_and_leaves_no_directory(tmp_path
     root = staging.root
     await staging.close()
     version = Version("meow", 1, 1, str(write_adapter(tmp_path / "meow1")))
-    with pytest.raises(InvalidAdapterError, match="cannot read adapter"):
+    with pytest.raises(LoraExtError, match=r"staging directory .* is gone") as caught:
         await staging.run(staging.stage, version, None)
+    assert caught.value.status == 503
     assert root is not None and not root.exists()
+
+
+async def test_a_staging_root_removed_outside_the_server_is_named_and_not_remade(tmp_path):
+    """A tmp cleaner removed the live staging directory: a load fails with a 503 that
+    says so (not a 400 blaming the adapter), and the directory is not made again
+    without its owner lock."""
+    from vllm_lora_ext.server.registry import Version
+    from vllm_lora_ext.server.staging import Staging
+
+    staging = Staging(LoraExtConfig(), lambda path: None)
+    root = staging.root
+    assert root is not None
+    shutil.rmtree(root)
+    version = Version("meow", 1, 1, str(write_adapter(tmp_path / "meow1")))
+    try:
+        with pytest.raises(LoraExtError, match=r"staging directory .* is gone") as caught:
+            await staging.run(staging.stage, version, None)
+        assert caught.value.status == 503 and f"'{root}'" in caught.value.message
+        assert not root.exists()
+    finally:
+        await staging.close()
 
 
 async def test_pinned_version_outlives_the_window_until_unpinned(tmp_path):

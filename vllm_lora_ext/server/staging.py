@@ -53,7 +53,7 @@ from tenacity import (
 
 from vllm_lora_ext import broadcast
 from vllm_lora_ext.config import LoraExtConfig
-from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError
+from vllm_lora_ext.errors import IncompleteAdapterError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.server.files import ADAPTER_FILES, adapter_files, check_files, open_checked
 from vllm_lora_ext.server.registry import Version
 
@@ -285,6 +285,13 @@ class Staging:
             self._check(str(dest))  # what is loaded is what was checked
         except OSError as e:
             shutil.rmtree(dest, ignore_errors=True)
+            if not dest.parent.is_dir():  # not the adapter's fault: say whose it is
+                raise LoraExtError(
+                    f"cannot stage adapter '{version.name}': the staging directory "
+                    f"'{dest.parent}' is gone (the server is shutting down, or something "
+                    "outside it removed the directory); nothing was loaded",
+                    status=503,
+                ) from e
             raise InvalidAdapterError(
                 f"cannot read adapter '{version.name}' from '{version.path}': {e.strerror}"
             ) from e
