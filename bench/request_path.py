@@ -25,7 +25,9 @@ Why it can resolve a few percent on two noisy cores:
   absolute costs are higher than alone: the ratio is the result).
 
 Usage: ``.venv/bin/python bench/request_path.py [--sets 4 --rounds 8] [--control]
-[--record bench/RESULTS.md]``.
+[--record bench/RESULTS.md]``; ``--pool A/runs.json B/runs.json [--control]`` summarizes the
+sets of earlier runs of the same code together (the caption's counts are the first run's
+arguments: give them).
 """
 
 from __future__ import annotations
@@ -359,10 +361,23 @@ def main() -> None:
         "control: the method's own bias)",
     )
     p.add_argument("--record", type=Path)
+    p.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        help="no servers: summarize the sets of earlier runs together (their runs.json, "
+        "written beside each run's logs); they must have measured the same code",
+    )
     args = p.parse_args()
-    toy = build_toy_assets()
-    logs = Path(tempfile.mkdtemp(prefix="request_path_"))
-    runs = [run_set(toy, logs / str(i), args, i) for i in range(args.sets)]
+    if args.pool:
+        runs = [r for f in args.pool for r in json.loads(f.read_text())]
+        args.sets = len(runs)
+    else:
+        toy = build_toy_assets()
+        logs = Path(tempfile.mkdtemp(prefix="request_path_"))
+        runs = [run_set(toy, logs / str(i), args, i) for i in range(args.sets)]
+        (logs / "runs.json").write_text(json.dumps(runs))  # for --pool
+        print(f"per-round values: {logs / 'runs.json'}", flush=True)
     table = render(summarize(runs, args.seed), args)
     Console().print(table)
     if args.record:

@@ -7,10 +7,17 @@ stock vLLM, or passed in explicitly by the Ray actor and the tests.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic import Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: A tenant's share weight, finite and within a factor 1,000 of the default (1) either
+#: way: an infinite weight would never be charged for service (its tenant would always
+#: go first, the others starve) and a vanishing one would overflow its counter to inf
+#: (every such tenant then tied), so both are refused at the edge.
+MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
+Weight = Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
 
 
 class LoraExtConfig(BaseSettings):
@@ -143,8 +150,9 @@ class LoraExtConfig(BaseSettings):
         gt=0,
         description="Longest a request waits for its tenant's share (then 503).",
     )
-    tenant_weights: dict[str, PositiveFloat] = Field(
-        default_factory=dict, description="Share weight per tenant (default 1)."
+    tenant_weights: dict[str, Weight] = Field(
+        default_factory=dict,
+        description=f"Share weight per tenant (default 1; {MIN_WEIGHT:g} to {MAX_WEIGHT:g}).",
     )
     tenant_max_in_flight: dict[str, PositiveInt] = Field(
         default_factory=dict, description="Most engine sequences per tenant (default: none)."

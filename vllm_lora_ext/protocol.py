@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vllm_lora_ext.config import Weight
+
 NameField = Field(min_length=1, max_length=256)
 
 
@@ -132,7 +134,7 @@ class TenantRequest(_Body):
     tenant: str = Field(
         min_length=1, max_length=256, description="Adapter name, or '__base__' for the base model."
     )
-    weight: float | None = Field(default=None, gt=0)
+    weight: Weight | None = None
     max_in_flight: int | None = Field(default=None, ge=1)
 
 

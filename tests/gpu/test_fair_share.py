@@ -89,6 +89,15 @@ async def test_weights_and_caps_at_run_time_are_listed(client):
         assert listed["woof"]["weight"] == 2.5 and listed["woof"]["max_in_flight"] == 4
         bad = await client.post("/skyrl/v1/tenants", json={"tenant": "woof", "weight": 0})
         assert bad.status_code == 400 and "weight" in bad.json()["error"]["message"]
+        # An infinite weight (JSON 1e999) would never be charged: refused, not listed null.
+        for raw in (b"1e999", b"Infinity", b"NaN", b"1e-9"):
+            bad = await client.post(
+                "/skyrl/v1/tenants",
+                content=b'{"tenant": "woof", "weight": ' + raw + b"}",
+                headers={"content-type": "application/json"},
+            )
+            assert bad.status_code == 400 and "weight" in bad.json()["error"]["message"], raw
+        assert (await tenants(client))["woof"]["weight"] == 2.5  # the previous one serves
     finally:
         await post(client, "tenants", {"tenant": "woof", "weight": 1.0, "max_in_flight": None})
     assert (await tenants(client))["woof"]["max_in_flight"] is None

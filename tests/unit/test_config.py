@@ -1,4 +1,5 @@
-"""Settings validated at the edge: the retention window against the trainer's staleness."""
+"""Settings validated at the edge: the retention window against the trainer's staleness, the
+fair share's weights."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.protocol import TenantRequest
 
 
 def test_window_defaults_to_staleness_plus_two():
@@ -26,3 +28,15 @@ def test_environment_is_read_with_the_prefix(monkeypatch):
     monkeypatch.setenv("LORA_EXT_HOLD_TIMEOUT_S", "7")
     config = LoraExtConfig()
     assert config.window == 3 and config.hold_timeout_s == 7
+
+
+@pytest.mark.parametrize("weight", ["inf", "nan", "0", "1e-9", "1e9"])
+def test_a_tenant_weight_the_counters_cannot_divide_by_is_refused(monkeypatch, weight):
+    """An infinite weight would never be charged (its tenant always first); a vanishing
+    one overflows its counter: both refused at start, as the admin route refuses them."""
+    monkeypatch.setenv("LORA_EXT_TENANT_WEIGHTS", f'{{"A": "{weight}"}}')
+    with pytest.raises(ValidationError, match="tenant_weights"):
+        LoraExtConfig()
+    with pytest.raises(ValidationError, match="weight"):
+        TenantRequest.model_validate_json(f'{{"tenant": "A", "weight": "{weight}"}}')
+    assert LoraExtConfig(tenant_weights={"A": 1e3, "B": 1e-3}).tenant_weights["B"] == 1e-3

@@ -142,8 +142,12 @@ def test_a_newly_backlogged_tenant_banks_no_credit_and_continuations_keep_their_
 
 def test_settings_are_validated():
     fs = FairShare(2)
-    with pytest.raises(ValueError):
-        fs.configure("A", weight=0)
+    for bad in (0, float("inf"), float("nan"), 1e-9, 1e9):
+        with pytest.raises(ValueError, match="weight"):
+            fs.configure("A", weight=bad)
+    with pytest.raises(ValueError, match="weight"):
+        FairShare(2, weights={"A": float("inf")})
+    assert fs.settings("A") == (1.0, None)  # nothing refused was kept
     with pytest.raises(ValueError):
         fs.configure("A", max_in_flight=0)
     with pytest.raises(ValueError):

@@ -28,6 +28,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
+from vllm_lora_ext.config import MAX_WEIGHT, MIN_WEIGHT
+
 
 @dataclass(eq=False, slots=True)  # one per request
 class Ticket:
@@ -112,7 +114,7 @@ class FairShare:
         self.waiting = 0  # queued tickets, every tenant (nothing queued: nothing to choose)
         self.tenants: dict[str, Tenant] = {}
         self.max_tenants = max_tenants
-        self._weights = dict(weights or {})
+        self._weights = {name: _checked(w) for name, w in (weights or {}).items()}
         self._caps = dict(caps or {})
         self._order = itertools.count()
 
@@ -123,9 +125,7 @@ class FairShare:
         """Set a tenant's weight and/or cap (``max_in_flight=None`` lifts the cap; the
         default ``False`` leaves it); returns the tickets granted by the change."""
         if weight is not None:
-            if weight <= 0:
-                raise ValueError("weight must be > 0")
-            self._weights[name] = weight
+            self._weights[name] = _checked(weight)
         if max_in_flight is not False:
             if max_in_flight is not None and max_in_flight < 1:
                 raise ValueError("max_in_flight must be >= 1")
@@ -284,3 +284,10 @@ class FairShare:
         ticket.granted = True
         t.running += ticket.slots
         self.running += ticket.slots
+
+
+def _checked(weight: float) -> float:
+    """A weight the counters can divide by (see :data:`~vllm_lora_ext.config.Weight`)."""
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:  # (false for nan too)
+        raise ValueError(f"weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {weight}")
+    return weight
