@@ -22,7 +22,7 @@ from vllm_lora_ext.compat import LoRARequest
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import AdapterBusyError, InvalidAdapterError, LoraExtError
 from vllm_lora_ext.server import metrics
-from vllm_lora_ext.server.gate import Gate, lora_request_of
+from vllm_lora_ext.server.gate import BASE_TENANT, Gate, lora_request_of
 from vllm_lora_ext.server.registry import Interrupt, PauseMode, Registry, Version
 from vllm_lora_ext.server.staging import Staging
 from vllm_lora_ext.server.validation import check_adapter_dir, check_under_roots, model_module_names
@@ -190,6 +190,8 @@ class LoraManager:
     ) -> Loaded:
         if self.serving_models is not None and self.serving_models.is_base_model(name):
             raise LoraExtError(f"adapter name '{name}' collides with the base model name")
+        if name == BASE_TENANT:  # it would share the base model's fair share and settings
+            raise LoraExtError(f"adapter name '{name}' is the base model's tenant name")
         laps = _Laps()
         kind = await self._inspect(path)
         laps.lap("checks")
