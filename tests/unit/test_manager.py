@@ -78,16 +78,6 @@ def refcounts(m: LoraManager, name: str = "meow") -> list[int]:
 
 
 # ---- leases on every exit path ---------------------------------------------------------
-async def test_the_base_models_tenant_name_is_no_adapter_name(tmp_path):
-    """An adapter named '__base__' would be charged to, and capped and weighted as, the
-    base model's tenant: refused, nothing registered."""
-    manager, engine = await make(tmp_path, names=())
-    with pytest.raises(LoraExtError, match="base model's tenant") as e:
-        await manager.load("__base__", str(write_adapter(tmp_path / "b")))
-    assert e.value.status == 400 and "__base__" not in manager.registry
-    assert await engine.list_loras() == set()
-
-
 async def test_requests_run_on_the_leased_internal_version(tmp_path):
     m, engine = await make(tmp_path)
     outs = await run(engine, "r1")
@@ -982,6 +972,16 @@ async def test_watcher_swaps_in_each_new_stable_step(tmp_path):
 
 
 # ---- loads: cleanup and concurrency ----------------------------------------------------
+async def test_the_base_models_tenant_name_is_no_adapter_name(tmp_path):
+    """An adapter named '__base__' would be charged to, and capped and weighted as, the
+    base model's tenant: refused, nothing registered."""
+    manager, engine = await make(tmp_path, names=())
+    with pytest.raises(LoraExtError, match="base model's tenant") as e:
+        await manager.load("__base__", str(write_adapter(tmp_path / "b")))
+    assert e.value.status == 400 and "__base__" not in manager.registry
+    assert await engine.list_loras() == set()
+
+
 async def test_failed_and_cancelled_loads_leave_no_staged_copy(tmp_path):
     m, engine = await make(tmp_path)
     stage = Path(m.registry.get("meow").current_version.load_path).parent
