@@ -36,13 +36,13 @@ from typing import Any, Literal
 
 import httpx
 import ray
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_actors.fleet import FleetIntent, plan, unreachable
 from ray_actors.server_actor import ReplicaSpec
 from vllm_lora_ext.client import RemoteInferenceClient
-from vllm_lora_ext.config import LoraExtConfig
+from vllm_lora_ext.config import LoraExtConfig, Seconds
 
 logger = logging.getLogger("vllm.lora_ext")
 
@@ -136,30 +136,39 @@ class FleetError(Exception):
         self.status, self.message = status, message
 
 
+class SupervisorSettings(BaseModel):
+    """How the supervisor tends its replicas: every period and wait finite and bounded
+    (checked in the caller by :func:`start_supervised`, before any actor exists)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    check_every_s: Seconds = Field(default=2.0, ge=0.01, description="Probe period.")
+    restart_timeout_s: Seconds = Field(
+        default=600.0, description="Bound of a replica's start until it serves."
+    )
+    max_failed_probes: int = Field(default=3, ge=1, le=1000)
+    probe_timeout_s: Seconds = Field(default=15.0, description="Bound of one probe.")
+    backoff_max_s: Seconds = Field(default=60.0, description="Longest wait between restarts.")
+    drain_timeout_s: Seconds = Field(default=120.0, description="Bound of a replica's drain.")
+    placement_timeout_s: Seconds = Field(
+        default=120.0, description="Bound of a replica's placement group being placed."
+    )
+
+
 class Supervisor:
     """The supervisor actor's body (use :func:`start_supervised`)."""
 
-    def __init__(
-        self,
-        spec: ReplicaSpec,
-        fleet: str = "lora_ext",
-        check_every_s: float = 2.0,
-        restart_timeout_s: float = 600,
-        max_failed_probes: int = 3,
-        probe_timeout_s: float = 15.0,
-        backoff_max_s: float = 60.0,
-        drain_timeout_s: float = 120.0,
-        placement_timeout_s: float = 120.0,
-    ) -> None:
+    def __init__(self, spec: ReplicaSpec, fleet: str = "lora_ext", **settings: Any) -> None:
         self.spec = spec
         self.fleet = fleet
-        self.check_every_s = check_every_s
-        self.restart_timeout_s = restart_timeout_s
-        self.max_failed_probes = max_failed_probes
-        self.probe_timeout_s = probe_timeout_s
-        self.backoff_max_s = backoff_max_s
-        self.drain_timeout_s = drain_timeout_s
-        self.placement_timeout_s = placement_timeout_s
+        s = SupervisorSettings(**settings)
+        self.check_every_s = s.check_every_s
+        self.restart_timeout_s = s.restart_timeout_s
+        self.max_failed_probes = s.max_failed_probes
+        self.probe_timeout_s = s.probe_timeout_s
+        self.backoff_max_s = s.backoff_max_s
+        self.drain_timeout_s = s.drain_timeout_s
+        self.placement_timeout_s = s.placement_timeout_s
         self.store = Store(fleet)
         self.slots: dict[int, Slot] = {}
         self.failures: deque[str] = deque(maxlen=50)  # latest problems, newest last
@@ -521,6 +530,7 @@ def start_supervised(
     with the same name (another driver, in the same Ray namespace) returns the running
     fleet. It runs on the caller's node (the head, for a driver there): a node that
     leaves takes no supervisor with it. Stop it with :func:`stop_supervised`."""
+    SupervisorSettings(**supervisor_kwargs)  # a bad setting fails here, not in the actor
     spec = ReplicaSpec.of(server_args, config, num_cpus, bind_all, env)
     here = ray.get_runtime_context().get_node_id()
     sup = SupervisorActor.options(

@@ -48,6 +48,7 @@ from tenacity import (
 )
 
 from vllm_lora_ext import continuable
+from vllm_lora_ext.config import Seconds
 
 ROUTES = "/skyrl/v1"
 VERSION_HEADER = "x-lora-version"
@@ -61,10 +62,10 @@ logger = logging.getLogger(__name__)
 class RetryPolicy(BaseModel):
     """Bounds of :meth:`RemoteInferenceClient.sample_with_retry`."""
 
-    deadline_s: float = Field(default=600.0, gt=0)
+    deadline_s: Seconds = 600.0
     max_attempts: int = Field(default=64, ge=1)
-    backoff_initial_s: float = Field(default=0.05, gt=0)
-    backoff_max_s: float = Field(default=2.0, gt=0)
+    backoff_initial_s: Seconds = 0.05
+    backoff_max_s: Seconds = 2.0
 
 
 @dataclass

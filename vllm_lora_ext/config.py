@@ -19,23 +19,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
 Weight = Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
 
+#: Every wait has a bound: a timeout is finite and at most a day (``inf``, or a number
+#: so large it is never reached, would hold a request, a pause or a load for ever).
+MAX_WAIT_S = 86_400.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)]
+
 
 class LoraExtConfig(BaseSettings):
     """Timeouts and retention of the lora-aware routes."""
 
     model_config = SettingsConfigDict(env_prefix="LORA_EXT_", extra="forbid")
 
-    hold_timeout_s: float = Field(
+    hold_timeout_s: Seconds = Field(
         default=120.0,
-        gt=0,
         description="How long a new request for a paused adapter is held before a 503.",
     )
-    drain_timeout_s: float = Field(
-        default=120.0, gt=0, description="Default bound of pause mode 'wait'."
+    drain_timeout_s: Seconds = Field(
+        default=120.0, description="Default bound of pause mode 'wait'."
     )
-    resume_timeout_s: float = Field(
+    resume_timeout_s: Seconds = Field(
         default=600.0,
-        gt=0,
         description="How long a request stopped by pause mode 'keep' waits for resume "
         "before it is returned to its caller partial, with finish_reason 'abort'.",
     )
@@ -70,24 +73,29 @@ class LoraExtConfig(BaseSettings):
         "under load; 'idle' (SCHED_IDLE) copies only on otherwise idle cores, so other "
         "tenants never wait for it but a swap on a saturated CPU can take seconds.",
     )
-    stable_wait_s: float = Field(
+    stable_wait_s: Seconds = Field(
         default=30.0,
-        gt=0,
         description="How long a load of a broadcast step waits for its STABLE sentinel "
         "and manifest-verified files to become visible before a 425.",
     )
-    lease_ttl_s: float = Field(
+    lease_ttl_s: Seconds = Field(
         default=600.0,
-        gt=0,
+        ge=3,
         description="A broadcast step's lease file not refreshed for this long is stale "
-        "(its server died); servers refresh theirs every third of it.",
+        "(its server died); servers refresh theirs every third of it (so at least 3 s: "
+        "shorter rewrites the leases in a loop).",
     )
     watch: dict[str, Path] = Field(
         default_factory=dict,
         description="Adapter name -> broadcast root: the newest stable step is swapped in "
         "automatically (CLI: --watch name=root; env: JSON object).",
     )
-    watch_interval_s: float = Field(default=1.0, gt=0, description="Watcher poll period.")
+    watch_interval_s: Seconds = Field(
+        default=1.0,
+        ge=0.01,
+        description="Watcher poll period (at least 10 ms: shorter lists the broadcast "
+        "roots in a loop, a metadata storm on NFS).",
+    )
     admin_key: SecretStr | None = Field(
         default=None,
         description="Bearer token the /skyrl/v1 routes require (separate from vLLM's "
@@ -120,8 +128,8 @@ class LoraExtConfig(BaseSettings):
         "/areal_pause_generation, /areal_continue_generation). Opt-in: a stock-vLLM user "
         'would not expect them. Env: LORA_EXT_STACK_ROUTES=\'["prime-rl", "areal"]\'.',
     )
-    liveness_timeout_s: float = Field(
-        default=10.0, gt=0, description="Bound of one engine health check (GET /liveness)."
+    liveness_timeout_s: Seconds = Field(
+        default=10.0, description="Bound of one engine health check (GET /liveness)."
     )
     fair_share: bool = Field(
         default=True,
@@ -145,9 +153,8 @@ class LoraExtConfig(BaseSettings):
         "--max-num-seqs minus this (the headroom is kept for arrivals too); 0: they fill "
         "the batch and the headroom.",
     )
-    fair_share_wait_s: float = Field(
+    fair_share_wait_s: Seconds = Field(
         default=3600.0,
-        gt=0,
         description="Longest a request waits for its tenant's share (then 503).",
     )
     tenant_weights: dict[str, Weight] = Field(

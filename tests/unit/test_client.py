@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from fake_server import PROMPT_IDS, FakeServer, Replicas, expected_tokens
+from pydantic import ValidationError
 
 from vllm_lora_ext.client import (
     FanoutError,
@@ -103,6 +104,14 @@ async def test_deadline_expiry_raises_with_the_partial_result():
         await client.sample_with_retry("meow", prompt_token_ids=PROMPT_IDS, max_tokens=10)
     partial = err.value.partial.samples[0]
     assert partial.token_ids == expected_tokens(4) and partial.finish_reason == "abort"
+
+
+@pytest.mark.parametrize("field", ["deadline_s", "backoff_initial_s", "backoff_max_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e9, 0])
+def test_a_retry_without_a_bound_is_refused(field, value):
+    """An infinite deadline (or backoff) would retry a paused adapter for ever."""
+    with pytest.raises(ValidationError, match=field):
+        RetryPolicy(**{field: value})
 
 
 async def test_max_attempts_bounds_an_abort_storm():

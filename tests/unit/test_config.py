@@ -1,5 +1,5 @@
 """Settings validated at the edge: the retention window against the trainer's staleness, the
-fair share's weights."""
+fair share's weights, the bounds of every wait."""
 
 from __future__ import annotations
 
@@ -40,3 +40,35 @@ def test_a_tenant_weight_the_counters_cannot_divide_by_is_refused(monkeypatch, w
     with pytest.raises(ValidationError, match="weight"):
         TenantRequest.model_validate_json(f'{{"tenant": "A", "weight": "{weight}"}}')
     assert LoraExtConfig(tenant_weights={"A": 1e3, "B": 1e-3}).tenant_weights["B"] == 1e-3
+
+
+_WAITS = (
+    "hold_timeout_s",
+    "drain_timeout_s",
+    "resume_timeout_s",
+    "stable_wait_s",
+    "liveness_timeout_s",
+    "fair_share_wait_s",
+    "lease_ttl_s",
+    "watch_interval_s",
+)
+
+
+@pytest.mark.parametrize("name", _WAITS)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e9", "0", "-1"])
+def test_every_wait_is_bounded(monkeypatch, name, value):
+    """A timeout of inf (or one never reached) would hold a request, a pause or a load
+    for ever: refused at start, from the environment as from code."""
+    monkeypatch.setenv(f"LORA_EXT_{name.upper()}", value)
+    with pytest.raises(ValidationError, match=name):
+        LoraExtConfig()
+    monkeypatch.setenv(f"LORA_EXT_{name.upper()}", "86400")
+    assert getattr(LoraExtConfig(), name) == 86400
+
+
+@pytest.mark.parametrize(("name", "value"), [("lease_ttl_s", 2.9), ("watch_interval_s", 0.001)])
+def test_a_period_that_would_spin_is_refused(name, value):
+    """Leases are rewritten every third of their ttl, the broadcast roots listed every
+    watch interval: below the floor either becomes a loop of file-system calls."""
+    with pytest.raises(ValidationError, match=name):
+        LoraExtConfig(**{name: value})

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fakes import FakeEngine, write_adapter
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from ray_actors import supervisor as sup_module
 from ray_actors.fleet import FleetIntent
@@ -345,3 +346,23 @@ async def test_names_given_at_start_are_adopted_when_a_controller_first_names_th
     assert "error" not in answer and len(answer["results"]) == 2
     assert sup.record.intent.names["woof"].paused == "abort"
     await stop(sup)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"check_every_s": 0},  # a probe loop with no pause
+        {"restart_timeout_s": float("inf")},  # a start waited for with no bound
+        {"probe_timeout_s": float("nan")},
+        {"drain_timeout_s": 1e9},
+        {"max_failed_probes": 0},
+        {"check_every": 1.0},  # a misspelt setting, silently ignored before
+    ],
+)
+def test_a_setting_with_no_bound_is_refused_before_any_actor_exists(settings):
+    """In the caller (no Ray needed: it fails before the actor is made), and in the
+    actor's body for a caller that builds it directly."""
+    with pytest.raises(ValidationError):
+        sup_module.start_supervised(["--model", "m"], **settings)
+    with pytest.raises(ValidationError):
+        Supervisor(None, "test", **settings)  # type: ignore[arg-type]
