@@ -158,8 +158,8 @@ class LorasResponse(BaseModel):
 class StateResponse(BaseModel):
     sizes: dict[str, int] = Field(
         description="Entries of each piece of state: adapters, versions, flights, "
-        "waiters, tombstones, segments, events, leases, staged copies, locks, removals, "
-        "published names."
+        "waiters, tombstones, segments, events, tenant settings, leases, staged copies, "
+        "locks, removals, published names."
     )
 
 

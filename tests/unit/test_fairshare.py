@@ -154,6 +154,26 @@ def test_settings_are_validated():
         FairShare(0)
 
 
+def test_settings_are_bounded_and_a_refused_change_changes_nothing():
+    """An admin route that kept a setting for any name would grow without bound: a
+    setting back to its default is dropped, and at most ``max_tenants`` names keep one."""
+    fs = FairShare(2, max_tenants=2)
+    fs.configure("A", weight=2.0)
+    fs.configure("B", max_in_flight=3)
+    with pytest.raises(ValueError, match="at most 2 tenants"):
+        fs.configure("C", weight=0.5)
+    fs.configure("C", weight=1.0, max_in_flight=None)  # defaults: nothing to keep
+    fs.configure("A", weight=4.0, max_in_flight=1)  # a name that has one may change it
+    assert fs.settings_count() == 2 and fs.settings("C") == (1.0, None)
+    fs.configure("B", max_in_flight=None)  # back to the default: dropped...
+    fs.configure("C", weight=0.5)  # ...which makes room
+    assert fs.settings("C") == (0.5, None) and fs.settings_count() == 2
+    # Both parts are checked before either applies.
+    with pytest.raises(ValueError, match="max_in_flight"):
+        fs.configure("A", weight=8.0, max_in_flight=0)
+    assert fs.settings("A") == (4.0, 1)
+
+
 def test_a_new_weight_applies_to_the_tokens_after_it_and_a_lift_keeps_the_count():
     """The counter is derived from the tokens received (a charge is one addition, per
     streamed token): what came before a weight change keeps the weight it came under."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -21,9 +22,9 @@ from vllm_lora_ext.server.manager import LoraManager
 from vllm_lora_ext.server.routes import router
 
 
-def build_app(tmp_path, **cfg) -> tuple[FastAPI, LoraManager]:
+def build_app(tmp_path, engine: FakeEngine | None = None, **cfg) -> tuple[FastAPI, LoraManager]:
     config = LoraExtConfig(hold_timeout_s=0.2, drain_timeout_s=0.2, stable_wait_s=0.2, **cfg)
-    manager = LoraManager(FakeEngine(), config)
+    manager = LoraManager(engine or FakeEngine(), config)
     manager.install()
     app = FastAPI()
     app.include_router(router)
@@ -42,6 +43,28 @@ async def served(tmp_path):
 
 
 AUTH = {"Authorization": "Bearer sekret"}
+
+
+async def test_tenant_settings_are_bounded_over_the_route(tmp_path):
+    """Past the bound a new name's setting is a 400 naming the way out, nothing kept;
+    the count is in /state with the rest of the server's per-name state."""
+    engine = FakeEngine()
+    engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=4)  # share on
+    app, manager = build_app(tmp_path, engine, admin_key="sekret")
+    manager.gate.share.max_tenants = 2  # (4096 on a server: the same check)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for name in ("a", "b"):
+            r = await c.post("/skyrl/v1/tenants", json={"tenant": name, "weight": 2}, headers=AUTH)
+            assert r.status_code == 200, r.text
+        r = await c.post("/skyrl/v1/tenants", json={"tenant": "c", "weight": 2}, headers=AUTH)
+        assert r.status_code == 400 and "reset one" in r.json()["error"]["message"]
+        sizes = (await c.get("/skyrl/v1/state", headers=AUTH)).json()["sizes"]
+        assert sizes["tenant_settings"] == 2
+        r = await c.post("/skyrl/v1/tenants", json={"tenant": "a", "weight": 1}, headers=AUTH)
+        assert r.json()["weight"] == 1
+        r = await c.post("/skyrl/v1/tenants", json={"tenant": "c", "weight": 2}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["weight"] == 2
+    await manager.shutdown()
 
 
 async def test_admin_token_is_required_and_refusals_are_logged(served, caplog):

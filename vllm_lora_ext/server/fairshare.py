@@ -124,15 +124,28 @@ class FairShare:
     ) -> list[Ticket]:
         """Set a tenant's weight and/or cap (``max_in_flight=None`` lifts the cap; the
         default ``False`` leaves it); returns the tickets granted by the change."""
+        # Checked in full before anything changes (a refused change leaves all as it was).
         if weight is not None:
-            self._weights[name] = _checked(weight)
-        if max_in_flight is not False:
-            if max_in_flight is not None and max_in_flight < 1:
-                raise ValueError("max_in_flight must be >= 1")
-            if max_in_flight is None:
-                self._caps.pop(name, None)
-            else:
-                self._caps[name] = int(max_in_flight)
+            weight = _checked(weight)
+        cap = None if max_in_flight is None or max_in_flight is False else int(max_in_flight)
+        if cap is not None and cap < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        kept = (weight is not None and weight != 1.0) or cap is not None
+        if kept and name not in self._weights and name not in self._caps:
+            if self.settings_count() >= self.max_tenants:
+                raise ValueError(
+                    f"settings are kept for at most {self.max_tenants} tenants: reset one "
+                    "(weight 1, max_in_flight null) before setting another"
+                )
+        # A setting back to its default is dropped, not kept (bounded by max_tenants).
+        if weight == 1.0:
+            self._weights.pop(name, None)
+        elif weight is not None:
+            self._weights[name] = weight
+        if cap is not None:
+            self._caps[name] = cap
+        elif max_in_flight is None:
+            self._caps.pop(name, None)
         t = self.tenants.get(name)
         if t is not None:
             t.weight = self._weights.get(name, 1.0)
@@ -141,6 +154,10 @@ class FairShare:
 
     def settings(self, name: str) -> tuple[float, int | None]:
         return self._weights.get(name, 1.0), self._caps.get(name)
+
+    def settings_count(self) -> int:
+        """Tenants with a setting of their own (a weight other than 1, or a cap)."""
+        return len(self._weights.keys() | self._caps.keys())
 
     # ---- requests -----------------------------------------------------------------------
     def grant_now(self, ticket: Ticket) -> bool:

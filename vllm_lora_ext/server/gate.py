@@ -147,7 +147,12 @@ class Gate:
             self._installed = False
 
     def sizes(self) -> dict[str, int]:
-        return {"segments": len(self._by_segment), "events": len(self._events)}
+        share = self.share
+        return {
+            "segments": len(self._by_segment),
+            "events": len(self._events),
+            "tenant_settings": share.settings_count() if share is not None else 0,
+        }
 
     # ---- holding every request (an RL stack's global pause) -------------------------
     @property
