@@ -98,6 +98,14 @@ async def test_weights_and_caps_at_run_time_are_listed(client):
             )
             assert bad.status_code == 400 and "weight" in bad.json()["error"]["message"], raw
         assert (await tenants(client))["woof"]["weight"] == 2.5  # the previous one serves
+        # One request wider than the tenant's cap, or than the engine's batch (32 + 2),
+        # would hold what no share gives: a 400, not a fall back to the whole engine.
+        for model, n, says in (("woof", 5, "max_in_flight=4"), ("meow", 35, "at once (34")):
+            body = {"model": model, "prompt": "hi", "max_tokens": 1, "n": n, "temperature": 1}
+            wide = await client.post("/v1/completions", json=body)
+            assert wide.status_code == 400, wide.text
+            assert says in wide.json()["error"]["message"]
+        assert (await tenants(client))["woof"]["running"] == 0
     finally:
         await post(client, "tenants", {"tenant": "woof", "weight": 1.0, "max_in_flight": None})
     assert (await tenants(client))["woof"]["max_in_flight"] is None

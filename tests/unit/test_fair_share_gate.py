@@ -172,6 +172,32 @@ async def test_a_request_that_waits_longer_than_fair_share_wait_s_gets_503(tmp_p
     assert engine.engine_core.admitted == ["a-run", "after"]
 
 
+@pytest.mark.parametrize("model", ["B", None], ids=["adapter", "base model"])
+async def test_a_request_no_share_can_hold_is_a_400_and_holds_nothing(tmp_path, model):
+    """A hostile tenant's one wide request (vLLM allows n up to 16,384) would hold the
+    whole engine until its last sample ends, and a cap one request may exceed is none:
+    wider than the tenant's cap or the engine's batch is a 400, with no lease, share or
+    engine request left; the tenant's next request, narrow enough, is served."""
+    manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
+    tenant = model or BASE_TENANT
+    manager.configure_tenant(BASE_TENANT, max_in_flight=2)
+    share = manager.gate.share
+    for n, limit in ((3, "max_in_flight=2"), (5, "the engine runs at once (4")):
+        if n == 5:
+            manager.configure_tenant(tenant, max_in_flight=None)
+        with pytest.raises(GracefulHTTPError) as err:
+            await asyncio.wait_for(start(engine, f"wide-{n}", model, n=n), 5)
+        assert err.value.http_status == HTTPStatus.BAD_REQUEST
+        assert f"n={n} is more than" in str(err.value) and limit in str(err.value)
+        assert share.running == 0 and share.waiting == 0
+        assert engine.engine_core.admitted == []
+        if model:
+            assert manager.registry.get("B").versions[1].refcount == 0
+    ok = start(engine, "ok", model, n=4)  # the whole batch, no more: served
+    await step_until(engine, ok.done)
+    assert (await ok)[-1].finished and share.running == 0
+
+
 async def test_a_continuation_keeps_its_place(tmp_path):
     """A keep-stopped request gives its slot back while paused, and on resume goes ahead
     of its tenant's newer requests, not behind them."""

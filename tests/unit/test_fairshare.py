@@ -1,6 +1,7 @@
-"""The fair share's pure logic, explored: work-conserving, caps respected, slots
-accounted on every exit, and the VTC bound: two tenants backlogged throughout never
-drift apart in weighted service by more than what can be in flight plus one request."""
+"""The fair share's pure logic, explored: work-conserving, caps respected (a request
+wider than its tenant's cap or the engine's batch refused), slots accounted on every
+exit, and the VTC bound: two tenants backlogged throughout never drift apart in weighted
+service by more than what can be in flight plus one request."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def check_invariants(fs: FairShare, live: list[Ticket]) -> None:
     for name, tenant in fs.tenants.items():
         mine = [t for t in granted if t.tenant == name]
         assert tenant.running == sum(t.slots for t in mine)
-        if tenant.max_in_flight is not None and len(mine) > 1:
+        if tenant.max_in_flight is not None:  # strict: a wider request is refused
             assert tenant.running <= tenant.max_in_flight
-    assert fs.running <= fs.capacity or len(granted) == 1  # one wide request alone
+    assert fs.running <= fs.capacity
     eligible = [t for t in fs.tenants.values() if t.eligible()]
     if eligible:  # work-conserving: what waits could not be admitted
         pick = min(eligible, key=lambda t: (t.service, t.running, t.order))
@@ -51,6 +52,14 @@ def _random_traffic(capacity, reserve, weights, caps, script):
         name = names[who % len(names)]
         if what == 0:  # a request, n up to 3: granted at once (submit's first step), or queued
             ticket = Ticket(name, slots=1 + size % 3)
+            cap = fs.settings(name)[1]
+            if ticket.slots > fs.capacity or (cap is not None and ticket.slots > cap):
+                before = (fs.running, fs.waiting)
+                with pytest.raises(ValueError, match=f"n={ticket.slots} is more than"):
+                    if not fs.grant_now(ticket):  # as the gate asks
+                        fs.submit(ticket)
+                assert not ticket.granted and (fs.running, fs.waiting) == before
+                continue
             live.append(ticket)
             at_once = not fs.waiting and fs._fits(fs._tenant(name), ticket.slots)
             assert fs.grant_now(ticket) == at_once == ticket.granted

@@ -90,7 +90,8 @@ class Tenant:
         return bool(self.queue) and self.under_cap(self.queue[0].slots)
 
     def under_cap(self, slots: int) -> bool:
-        """Whether ``slots`` more stay within ``max_in_flight`` (one request always may)."""
+        """Whether ``slots`` more stay within ``max_in_flight`` (one request always may:
+        a wider one is refused unless it was queued before its cap was lowered)."""
         cap = self.max_in_flight
         return cap is None or self.running == 0 or self.running + slots <= cap
 
@@ -170,8 +171,10 @@ class FairShare:
         # Below the reserve and uncapped, it fits (limit(t) >= capacity - reserve); the
         # checks are made in full only near the top (fewer calls on every request's way).
         near = self.running + slots > self.capacity - self.reserve
-        if (near or t.max_in_flight is not None) and not self._fits(t, slots):
-            return False
+        if near or t.max_in_flight is not None:
+            self.refuse_wide(t, slots)
+            if not self._fits(t, slots):
+                return False
         self._grant(t, ticket)
         return True
 
@@ -182,6 +185,7 @@ class FairShare:
         if self.grant_now(ticket):  # as the choice below would
             return [ticket]
         t = self._tenant(ticket.tenant)
+        self.refuse_wide(t, ticket.slots)
         if not t.queue and self.waiting:
             backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
             if backlogged:
@@ -264,6 +268,26 @@ class FairShare:
         comes back is lifted when it is backlogged, as any idle tenant is)."""
         if len(self.tenants) > self.max_tenants and not t.queue and t.running == 0:
             del self.tenants[t.name]
+
+    def refuse_wide(self, t: Tenant, slots: int) -> None:
+        """A request no share can hold is refused (ValueError), not queued: one wider
+        than its tenant's cap (a cap one request may exceed is none), or than the
+        engine's batch (it would hold the whole engine until its last sample ends,
+        every other tenant waiting for all of it: vLLM runs its samples as one request
+        each, queued first-come first-served behind one another)."""
+        cap = t.max_in_flight
+        if cap is not None and slots > cap:
+            raise ValueError(
+                f"n={slots} is more than tenant '{t.name}' may run at once "
+                f"(max_in_flight={cap}): send at most {cap} samples per request"
+            )
+        if slots > self.capacity:
+            raise ValueError(
+                f"n={slots} is more than the engine runs at once ({self.capacity}: "
+                "--max-num-seqs plus fair_share_headroom): such a request would hold the "
+                f"whole engine until its last sample ends; send at most {self.capacity} "
+                "samples per request"
+            )
 
     def limit(self, t: Tenant) -> int:
         """Slots in use up to which ``t`` may be admitted: the reserve is for tenants

@@ -194,8 +194,11 @@ class Gate:
         if share is None:
             return None
         ticket = Ticket(tenant, slots if slots > 1 else 1, priority=priority)
-        if not share.grant_now(ticket):  # (submit's first step, without its list)
-            self._wake(share.submit(ticket, front))
+        try:
+            if not share.grant_now(ticket):  # (submit's first step, without its list)
+                self._wake(share.submit(ticket, front))
+        except ValueError as e:  # wider than the tenant's cap or the engine's batch
+            raise http_error(LoraExtError(str(e), 400)) from None
         return ticket
 
     async def _await_share(self, ticket: Ticket, flight: Flight | None = None) -> Ticket | None:
