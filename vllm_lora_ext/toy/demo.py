@@ -63,7 +63,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--replicas", type=int, default=1, help="server actors (data parallel)")
     p.add_argument("--model", help="a real HF model directory instead of the toy model")
-    p.add_argument("--batch", type=int, default=16, help="samples per step")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="samples per step, one request (the fair share refuses more than the "
+        "server's --max-num-seqs, 32, plus 2: raise it with --extra-server-args)",
+    )
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--epochs", type=int, default=4, help="PPO epochs per batch")
