@@ -198,6 +198,24 @@ async def test_a_request_no_share_can_hold_is_a_400_and_holds_nothing(tmp_path, 
     assert (await ok)[-1].finished and share.running == 0
 
 
+async def test_a_continuation_is_not_refused_by_a_cap_lowered_while_it_was_stopped(tmp_path):
+    """It was admitted: refusing it would end a request half served. It runs when its
+    tenant has nothing else running, as a request queued before the cap changed."""
+    manager, engine = await make(tmp_path, seqs=4)
+    wide = start(engine, "a-wide", "A", n=2)
+    await settle()
+    engine.step()
+    await manager.pause("A", "keep", None)
+    await settle()
+    manager.configure_tenant("A", max_in_flight=1)
+    manager.resume("A")
+    await step_until(engine, wide.done)
+    final = (await wide)[-1]
+    assert [len(c.token_ids) for c in final.outputs] == [4, 4]
+    assert engine.engine_core.admitted.count("a-wide") >= 2  # the first segment, then more
+    assert manager.gate.share.running == 0
+
+
 async def test_a_continuation_keeps_its_place(tmp_path):
     """A keep-stopped request gives its slot back while paused, and on resume goes ahead
     of its tenant's newer requests, not behind them."""

@@ -91,7 +91,8 @@ class Tenant:
 
     def under_cap(self, slots: int) -> bool:
         """Whether ``slots`` more stay within ``max_in_flight`` (one request always may:
-        a wider one is refused unless it was queued before its cap was lowered)."""
+        a wider one is refused, unless it is a continuation of one admitted before its
+        cap was lowered)."""
         cap = self.max_in_flight
         return cap is None or self.running == 0 or self.running + slots <= cap
 
@@ -172,7 +173,8 @@ class FairShare:
         # checks are made in full only near the top (fewer calls on every request's way).
         near = self.running + slots > self.capacity - self.reserve
         if near or t.max_in_flight is not None:
-            self.refuse_wide(t, slots)
+            if not ticket.front:
+                self.refuse_wide(t, slots)
             if not self._fits(t, slots):
                 return False
         self._grant(t, ticket)
@@ -185,7 +187,8 @@ class FairShare:
         if self.grant_now(ticket):  # as the choice below would
             return [ticket]
         t = self._tenant(ticket.tenant)
-        self.refuse_wide(t, ticket.slots)
+        if not front:
+            self.refuse_wide(t, ticket.slots)
         if not t.queue and self.waiting:
             backlogged = [o.service for o in self.tenants.values() if o.queue and o is not t]
             if backlogged:
@@ -274,7 +277,9 @@ class FairShare:
         than its tenant's cap (a cap one request may exceed is none), or than the
         engine's batch (it would hold the whole engine until its last sample ends,
         every other tenant waiting for all of it: vLLM runs its samples as one request
-        each, queued first-come first-served behind one another)."""
+        each, queued first-come first-served behind one another). Never a continuation
+        (``front``): it was admitted, and a cap lowered while it was stopped lets it run
+        when its tenant has nothing else running."""
         cap = t.max_in_flight
         if cap is not None and slots > cap:
             raise ValueError(

@@ -193,7 +193,7 @@ class Gate:
         share = self.share
         if share is None:
             return None
-        ticket = Ticket(tenant, slots if slots > 1 else 1, priority=priority)
+        ticket = Ticket(tenant, slots if slots > 1 else 1, front=front, priority=priority)
         try:
             if not share.grant_now(ticket):  # (submit's first step, without its list)
                 self._wake(share.submit(ticket, front))
