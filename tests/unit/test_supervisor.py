@@ -356,7 +356,7 @@ async def test_names_given_at_start_are_adopted_when_a_controller_first_names_th
         {"probe_timeout_s": float("nan")},
         {"drain_timeout_s": 1e9},
         {"max_failed_probes": 0},
-        {"check_every": 1.0},  # a misspelt setting, silently ignored before
+        {"check_every": 1.0},  # a misspelt setting (a TypeError inside the actor before)
     ],
 )
 def test_a_setting_with_no_bound_is_refused_before_any_actor_exists(settings):
