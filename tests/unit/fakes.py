@@ -60,7 +60,9 @@ class FakeInputProcessor:
     def _arrive(self, lora_request) -> None:
         self.engine.seen_loras.append(lora_request.lora_name if lora_request else None)
 
-    def _request(self, request_id: str, prompt: Any, params: SamplingParams, lora_request):
+    def _request(
+        self, request_id: str, prompt: Any, params: SamplingParams, lora_request, priority: int
+    ):
         if self.engine.fail_generate is not None:
             raise self.engine.fail_generate
         ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else list(PROMPT_IDS)
@@ -77,16 +79,21 @@ class FakeInputProcessor:
             lora_request=lora_request,
             cache_salt=None,
             data_parallel_rank=None,
+            priority=priority,  # as vLLM's input processor passes it to the core
         )
 
     def process_inputs(self, request_id, prompt, params, supported_tasks=(), **kw):
         self._arrive(kw.get("lora_request"))
-        return self._request(request_id, prompt, params, kw.get("lora_request"))
+        return self._request(
+            request_id, prompt, params, kw.get("lora_request"), kw.get("priority", 0)
+        )
 
     async def process_inputs_async(self, request_id, prompt, params, supported_tasks=(), **kw):
         self._arrive(kw.get("lora_request"))
         await asyncio.sleep(self.engine.input_delay_s)  # tokenization: an await, like vLLM's
-        return self._request(request_id, prompt, params, kw.get("lora_request"))
+        return self._request(
+            request_id, prompt, params, kw.get("lora_request"), kw.get("priority", 0)
+        )
 
 
 class FakeCore:

@@ -20,9 +20,11 @@ from vllm_lora_ext.server.gate import BASE_TENANT
 from vllm_lora_ext.server.manager import LoraManager
 
 
-async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]:
+async def make(
+    tmp_path, seqs: int = 2, policy: str = "fcfs", **cfg
+) -> tuple[LoraManager, FakeEngine]:
     engine = FakeEngine(manual=True, tokens_per_request=4)
-    engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=seqs)
+    engine.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=seqs, policy=policy)
     config = LoraExtConfig(
         **{
             "hold_timeout_s": 2,
@@ -40,12 +42,13 @@ async def make(tmp_path, seqs: int = 2, **cfg) -> tuple[LoraManager, FakeEngine]
     return manager, engine
 
 
-def start(engine, rid: str, name: str | None, n: int = 1) -> asyncio.Task:
+def start(engine, rid: str, name: str | None, n: int = 1, priority: int = 0) -> asyncio.Task:
     params = SamplingParams(max_tokens=100, n=n, output_kind=RequestOutputKind.FINAL_ONLY)
     lora = LoRARequest(name, 1, "/alias") if name else None
+    extra = {"priority": priority} if priority else {}  # as vLLM's serving passes it
 
     async def go():
-        return [o async for o in engine.generate("p", params, rid, lora_request=lora)]
+        return [o async for o in engine.generate("p", params, rid, lora_request=lora, **extra)]
 
     return asyncio.create_task(go())
 
@@ -237,6 +240,39 @@ async def test_a_continuation_keeps_its_place(tmp_path):
     assert admitted == ["a-first", "b0", "a-first"], admitted
     await step_until(engine, lambda: all(t.done() for t in [first, b, *newer]), steps=500)
     assert len((await first)[-1].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("share", [True, False])
+async def test_under_vllms_priority_policy_a_priority_orders_only_its_tenants_queue(
+    tmp_path, share
+):
+    """vLLM's priority policy orders and preempts across every request in the engine:
+    with a fair share, a tenant's priority orders its own queue at the gate and the
+    engine sees 0 (one tenant sending -10**9 would never be preempted, the others
+    would). With the share off vLLM's own rule applies: the engine sees it."""
+    manager, engine = await make(tmp_path, seqs=1, policy="priority", fair_share=share)
+    core = engine.engine_core
+    seen: dict[str, int] = {}
+    add = core.add_request_async
+
+    async def recording(request):
+        seen[request.external_req_id or request.request_id] = request.priority
+        await add(request)
+
+    core.add_request_async = recording
+    tasks = [start(engine, "a0", "A")]
+    await settle()
+    tasks += [start(engine, "a1", "A"), start(engine, "a2", "A", priority=-5)]
+    await settle()
+    tasks.append(start(engine, "base", None, priority=-9))
+    await step_until(engine, lambda: all(t.done() for t in tasks), steps=500)
+    if share:
+        assert seen == {"a0": 0, "a1": 0, "a2": 0, "base": 0}
+        order = core.admitted
+        assert order.index("a2") < order.index("a1"), order  # A's queue, by priority
+        assert manager.gate.share.running == 0
+    else:
+        assert seen == {"a0": 0, "a1": 0, "a2": -5, "base": -9}
 
 
 async def test_fair_share_off_is_first_come_first_served(tmp_path):

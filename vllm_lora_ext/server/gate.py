@@ -117,6 +117,14 @@ class Gate:
         self._events: dict[str, asyncio.Event] = {}
         self._all_held: asyncio.Event | None = None  # set (and dropped) by release_all
         self.share = fair_share_of(engine, config)
+        # vLLM's priority policy orders its queue and picks whom to preempt by priority
+        # across every request in the engine: under a fair share a tenant's priority
+        # would reach past its own requests (one sending -10**9 is never preempted, the
+        # others are). The gate orders each tenant's queue by it; the engine sees 0.
+        scheduler = getattr(engine.vllm_config, "scheduler_config", None)
+        self._flat_priority = (
+            self.share is not None and getattr(scheduler, "policy", None) == "priority"
+        )
         self.closed = False
         self._installed = False
 
@@ -340,6 +348,9 @@ class Gate:
         lora_request: LoRARequest | None = None,
         **kwargs: Any,
     ) -> AsyncGenerator[RequestOutput, None]:
+        priority = kwargs.get("priority") or 0
+        if priority and self._flat_priority:
+            kwargs["priority"] = 0  # (this call's own dict)
         if self._all_held is not None and not await self._wait_all_released():
             raise http_error(
                 AdapterBusyError(
@@ -356,9 +367,7 @@ class Gate:
         target = None if flight is not None else self._resolve(lora_request)
         if flight is None and target is None:  # base model, or an adapter we do not manage
             tenant = BASE_TENANT if lora_request is None else lora_request.lora_name
-            ticket = self._ask_share(
-                tenant, sampling_params.n, priority=kwargs.get("priority") or 0
-            )
+            ticket = self._ask_share(tenant, sampling_params.n, priority=priority)
             if ticket is not None and not ticket.granted:
                 ticket = await self._await_share(ticket)
             try:
@@ -394,9 +403,7 @@ class Gate:
             book = attribution.current_book()
             if book is not None:
                 book.track(request_id, stitcher.samples, flight.version.number)
-            claim[0] = self._ask_share(
-                flight.name, sampling_params.n, priority=kwargs.get("priority") or 0
-            )
+            claim[0] = self._ask_share(flight.name, sampling_params.n, priority=priority)
             if claim[0] is not None and not claim[0].granted:
                 claim[0] = await self._await_share(claim[0], flight)
             # The first segment (every request has one; its samples are fresh, nothing to
@@ -428,7 +435,14 @@ class Gate:
             if stitcher.stopped:  # continued until none is left stopped
                 async with contextlib.aclosing(
                     self._continuations(
-                        flight, prompt, sampling_params, request_id, kwargs, stitcher, claim
+                        flight,
+                        prompt,
+                        sampling_params,
+                        request_id,
+                        kwargs,
+                        stitcher,
+                        claim,
+                        priority,
                     )
                 ) as outputs:
                     async for out in outputs:
@@ -633,10 +647,12 @@ class Gate:
         kwargs: dict,
         stitcher: Stitcher,
         claim: list[Ticket | None],
+        priority: int,
     ) -> AsyncGenerator[RequestOutput, None]:
         """The samples a segment left stopped (a keep-mode pause, a continue swap): after
         resume, each continues from prompt + its tokens so far, again while they are
-        stopped; ``claim`` holds the flight's share of the engine."""
+        stopped; ``claim`` holds the flight's share of the engine, ``priority`` is the
+        caller's (its place in its tenant's queue)."""
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
         while indices := stitcher.to_continue():
             self._give_back(claim[0])  # stopped: no share while it waits for resume
@@ -648,9 +664,7 @@ class Gate:
                     yield final
                 return
             flight.interrupt = None
-            claim[0] = self._ask_share(
-                flight.name, len(indices), front=True, priority=kwargs.get("priority") or 0
-            )
+            claim[0] = self._ask_share(flight.name, len(indices), front=True, priority=priority)
             if claim[0] is not None and not claim[0].granted:
                 claim[0] = await self._await_share(claim[0], flight)
             metrics.CONTINUED.labels(flight.name).inc()
