@@ -99,12 +99,29 @@ async def test_weights_and_caps_at_run_time_are_listed(client):
             assert bad.status_code == 400 and "weight" in bad.json()["error"]["message"], raw
         assert (await tenants(client))["woof"]["weight"] == 2.5  # the previous one serves
         # One request wider than the tenant's cap, or than the engine's batch (32 + 2),
-        # would hold what no share gives: a 400, not a fall back to the whole engine.
-        for model, n, says in (("woof", 5, "max_in_flight=4"), ("meow", 35, "at once (34")):
-            body = {"model": model, "prompt": "hi", "max_tokens": 1, "n": n, "temperature": 1}
+        # would hold what no share gives: on an adapter it is served in parts, each as
+        # wide as the share (every sample whole, attributed); on the base model, which
+        # the gate does not continue, a 400, not a fall back to the whole engine.
+        for model, n in (("woof", 5), ("meow", 35)):
+            body = {
+                "model": model,
+                "prompt": "hi",
+                "max_tokens": 2,
+                "n": n,
+                "temperature": 1,
+                "seed": 3,
+                "ignore_eos": True,
+            }
             wide = await client.post("/v1/completions", json=body)
-            assert wide.status_code == 400, wide.text
-            assert says in wide.json()["error"]["message"]
+            assert wide.status_code == 200, wide.text
+            choices = wide.json()["choices"]
+            assert sorted(c["index"] for c in choices) == list(range(n))
+            assert {c["finish_reason"] for c in choices} == {"length"}
+            assert all(c["lora_versions"][-1]["end"] == 2 for c in choices), choices
+            assert wide.json()["usage"]["completion_tokens"] == 2 * n
+        base = await client.post("/v1/completions", json={**body, "model": "toy-base"})
+        assert base.status_code == 400, base.text
+        assert "at once (34" in base.json()["error"]["message"]
         assert (await tenants(client))["woof"]["running"] == 0
     finally:
         await post(client, "tenants", {"tenant": "woof", "weight": 1.0, "max_in_flight": None})

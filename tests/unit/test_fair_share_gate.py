@@ -10,7 +10,7 @@ from http import HTTPStatus
 from types import SimpleNamespace
 
 import pytest
-from fakes import PROMPT_IDS, FakeEngine, track, write_adapter
+from fakes import PROMPT_IDS, FakeEngine, token_at, track, write_adapter
 from vllm.exceptions import GracefulHTTPError
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -175,14 +175,17 @@ async def test_a_request_that_waits_longer_than_fair_share_wait_s_gets_503(tmp_p
     assert engine.engine_core.admitted == ["a-run", "after"]
 
 
-@pytest.mark.parametrize("model", ["B", None], ids=["adapter", "base model"])
-async def test_a_request_no_share_can_hold_is_a_400_and_holds_nothing(tmp_path, model):
+async def test_on_the_base_model_a_request_no_share_can_hold_is_a_400_and_holds_nothing(
+    tmp_path,
+):
     """A hostile tenant's one wide request (vLLM allows n up to 16,384) would hold the
-    whole engine until its last sample ends, and a cap one request may exceed is none:
-    wider than the tenant's cap or the engine's batch is a 400, with no lease, share or
-    engine request left; the tenant's next request, narrow enough, is served."""
+    whole engine until its last sample ends, and a cap one request may exceed is none.
+    On an adapter it is served in parts (below); on the base model, which the gate does
+    not continue, wider than the tenant's cap or the engine's batch is a 400, with no
+    share or engine request left; the tenant's next request, narrow enough, is served."""
+    model = None
     manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
-    tenant = model or BASE_TENANT
+    tenant = BASE_TENANT
     manager.configure_tenant(BASE_TENANT, max_in_flight=2)
     share = manager.gate.share
     for n, limit in ((3, "max_in_flight=2"), (5, "the engine runs at once (4")):
@@ -194,11 +197,100 @@ async def test_a_request_no_share_can_hold_is_a_400_and_holds_nothing(tmp_path, 
         assert f"n={n} is more than" in str(err.value) and limit in str(err.value)
         assert share.running == 0 and share.waiting == 0
         assert engine.engine_core.admitted == []
-        if model:
-            assert manager.registry.get("B").versions[1].refcount == 0
     ok = start(engine, "ok", model, n=4)  # the whole batch, no more: served
     await step_until(engine, ok.done)
     assert (await ok)[-1].finished and share.running == 0
+
+
+def recorded(engine) -> list[tuple[str, int | None]]:
+    """(external id, seed) of every engine request, as they reach the core."""
+    core, seen = engine.engine_core, []
+    add = core.add_request_async
+
+    async def recording(request):
+        seen.append((request.external_req_id, request.sampling_params.seed))
+        await add(request)
+
+    core.add_request_async = recording
+    return seen
+
+
+@pytest.mark.parametrize("kind", [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA])
+async def test_on_an_adapter_a_request_wider_than_its_share_is_served_in_parts(tmp_path, kind):
+    """n=5 over a cap of 2 (then n=9 over the engine's 4): parts as wide as the share,
+    one after the other, never more running than the cap; every sample whole, with the
+    seed vLLM gives it unsplit (seed + index), so a seeded request reads the same; the
+    tenant's share and lease all given back."""
+    manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
+    share, seen = manager.gate.share, recorded(engine)
+    for rid, n, cap in (("w5", 5, 2), ("w9", 9, 4)):
+        if rid == "w9":
+            manager.configure_tenant("B", max_in_flight=None)
+        seen.clear()
+        params = SamplingParams(max_tokens=100, n=n, seed=7, output_kind=kind)
+        lora = LoRARequest("B", 1, "/alias")
+
+        async def go(params=params, lora=lora, rid=rid):
+            return [o async for o in engine.generate("p", params, rid, lora_request=lora)]
+
+        task, most = asyncio.create_task(go()), 0
+
+        def done(task=task) -> bool:
+            nonlocal most
+            most = max(most, share.tenants["B"].running if "B" in share.tenants else 0)
+            return task.done()
+
+        await step_until(engine, done, steps=500)
+        tokens: dict[int, list[int]] = {}
+        finish: dict[int, str | None] = {}
+        for out in await task:
+            for c in out.outputs:
+                if kind == RequestOutputKind.DELTA:
+                    tokens.setdefault(c.index, []).extend(c.token_ids)
+                else:
+                    tokens[c.index] = list(c.token_ids)
+                finish[c.index] = c.finish_reason
+        whole = [token_at(len(PROMPT_IDS) - 1 + i) for i in range(4)]
+        assert tokens == dict.fromkeys(range(n), whole), tokens
+        assert set(finish.values()) == {"stop"}
+        assert 0 < most <= cap
+        assert sorted(seed for _, seed in seen) == [7 + i for i in range(n)], seen
+        assert len(seen) == n and {rid_ for rid_, _ in seen} == {rid}
+        assert share.running == 0 and share.waiting == 0
+        assert manager.registry.get("B").versions[1].refcount == 0
+
+
+@pytest.mark.parametrize("how", ["abort", "keep"])
+async def test_between_its_parts_a_wide_request_can_be_aborted_or_paused(tmp_path, how):
+    """Its next parts wait for their share at the front of their tenant's queue: an
+    abort ends them (the samples that ran keep their tokens), a keep pause holds them
+    until resume (then it is served whole)."""
+    manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
+    share = manager.gate.share
+    wide = start(engine, "wide", "B", n=4)
+    await settle()
+    engine.step()  # its first part (2 samples) makes a token
+    await settle()
+    assert share.tenants["B"].running == 2
+    if how == "abort":
+        await manager.abort("B")
+        await step_until(engine, wide.done)
+        final = (await wide)[-1]
+        assert {c.finish_reason for c in final.outputs} == {"abort"}
+        assert [len(c.token_ids) for c in final.outputs] == [1, 1, 0, 0]
+    else:
+        await manager.pause("B", "keep", None)
+        for _ in range(5):
+            engine.step()
+            await settle()
+        assert not wide.done() and share.tenants["B"].running == 0
+        manager.resume("B")
+        await step_until(engine, wide.done, steps=500)
+        final = (await wide)[-1]
+        assert [len(c.token_ids) for c in final.outputs] == [4, 4, 4, 4]
+    assert share.running == 0 and share.waiting == 0
+    assert manager.registry.get("B").versions[1].refcount == 0
+    assert not engine.engine_core.requests
 
 
 async def test_a_continuation_is_not_refused_by_a_cap_lowered_while_it_was_stopped(tmp_path):

@@ -41,6 +41,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.errors import LoraExtError
+from vllm_lora_ext.server.gate import BASE_TENANT
 from vllm_lora_ext.server.manager import LoraManager
 
 NAMES = ("a", "b")
@@ -187,6 +188,11 @@ class GateMachine(RuleBasedStateMachine):
         except LoraExtError:
             pass
 
+    @rule(name=st.sampled_from((*NAMES, BASE_TENANT)), cap=st.sampled_from([None, 1, 2]))
+    def cap(self, name, cap):
+        """A tenant's cap changes at run time (a wide request's next parts follow it)."""
+        self.m.configure_tenant(name, max_in_flight=cap)
+
     @rule(request_id=st.sampled_from(IDS))
     def abort_by_external_id(self, request_id):
         self.aim(request_id=request_id, doom=True)
@@ -197,7 +203,7 @@ class GateMachine(RuleBasedStateMachine):
         exact=st.one_of(st.none(), st.integers(1, 6)),
         request_id=st.sampled_from(IDS),
         max_tokens=st.sampled_from([3, 100]),
-        n=st.sampled_from([1, 2]),
+        n=st.sampled_from([1, 2, 3]),  # 3: wider than the batch (2), served in parts
         stream=st.booleans(),
     )
     def submit(self, name, exact, request_id, max_tokens, n, stream):
@@ -329,9 +335,12 @@ class GateMachine(RuleBasedStateMachine):
                 self.engine.step()
                 self.settle()
             assert not self.live()
+            self.ended_requests_are_whole_and_aborted_only_when_aimed_at()  # those too
             for name in NAMES:
                 if self.served(name):
                     self.run(self.m.unload(name, None))
+            for name in (*NAMES, BASE_TENANT):  # settings outlive a name: the cap rule's
+                self.m.configure_tenant(name, max_in_flight=None)
             self.settle()
             sizes = self.m.sizes()
             assert {k: v for k, v in sizes.items() if k != "tombstones"} == dict.fromkeys(

@@ -133,6 +133,14 @@ class Stitcher:
         return self._why
 
     # ---- segments -----------------------------------------------------------------
+    def defer(self, first: int) -> None:
+        """Samples from ``first`` on wait for their turn (a request wider than its
+        tenant may run at once is served in parts): they start as samples a stop left
+        with no tokens, continued from the prompt alone, exactly."""
+        for s in self.samples[first:]:
+            s.interrupted = True
+        self.stopped = True
+
     def start_segment(self, indices: list[int]) -> None:
         for g in indices:
             self.samples[g].start_segment()
@@ -162,7 +170,11 @@ class Stitcher:
         cont.min_tokens = max(0, (self.min_tokens or 0) - len(self.samples[index].token_ids))
         cont.prompt_logprobs = None
         cont.truncate_prompt_tokens = None
-        cont.seed = continuation_seed(params.seed, index, len(self.samples[index].token_ids))
+        made = len(self.samples[index].token_ids)
+        if made or params.seed is None:
+            cont.seed = continuation_seed(params.seed, index, made)
+        elif params.n > 1:  # nothing made yet: the seed vLLM gives the sample's child
+            cont.seed = params.seed + index
         return cont
 
     # ---- absorbing engine outputs --------------------------------------------------
@@ -306,7 +318,8 @@ class Stitcher:
 def continuation_seed(seed: int | None, index: int, made: int) -> int | None:
     """A continuation must not replay its parent's random stream from the start: derive
     a new seed from the parent's, the sample and how far it got (a seeded run stays
-    reproducible)."""
+    reproducible). A sample that made nothing yet starts its own stream from the start
+    (:meth:`Stitcher.continuation_params`)."""
     if seed is None:
         return None
     return zlib.crc32(f"{seed}:{index}:{made}".encode()) & 0x7FFFFFFF

@@ -294,6 +294,12 @@ class FairShare:
                 "samples per request"
             )
 
+    def widest(self, name: str) -> int:
+        """The most samples one request of ``name`` may run at once: its cap, the
+        engine's batch (the gate serves a wider request of an adapter in parts)."""
+        cap = self._caps.get(name)
+        return self.capacity if cap is None else min(cap, self.capacity)
+
     def limit(self, t: Tenant) -> int:
         """Slots in use up to which ``t`` may be admitted: the reserve is for tenants
         with nothing running."""

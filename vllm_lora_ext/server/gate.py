@@ -403,7 +403,14 @@ class Gate:
             book = attribution.current_book()
             if book is not None:
                 book.track(request_id, stitcher.samples, flight.version.number)
-            claim[0] = self._ask_share(flight.name, sampling_params.n, priority=priority)
+            first = sampling_params
+            if first.n > 1 and self.share is not None:
+                widest = self.share.widest(flight.name)
+                if first.n > widest:  # served in parts, each as wide as its share allows
+                    first = sampling_params.clone()
+                    first.n = widest
+                    stitcher.defer(widest)
+            claim[0] = self._ask_share(flight.name, first.n, priority=priority)
             if claim[0] is not None and not claim[0].granted:
                 claim[0] = await self._await_share(claim[0], flight)
             # The first segment (every request has one; its samples are fresh, nothing to
@@ -416,7 +423,7 @@ class Gate:
             number = flight.version.number
             seg, queue = _Segment(flight), None
             try:
-                queue = await self._register(seg, prompt, sampling_params, request_id, kwargs)
+                queue = await self._register(seg, prompt, first, request_id, kwargs)
                 finished = False
                 while not finished:  # vLLM's generate loop (its generator is not used)
                     out = queue.get_nowait() or await queue.get()
@@ -652,24 +659,32 @@ class Gate:
         """The samples a segment left stopped (a keep-mode pause, a continue swap): after
         resume, each continues from prompt + its tokens so far, again while they are
         stopped; ``claim`` holds the flight's share of the engine, ``priority`` is the
-        caller's (its place in its tenant's queue)."""
+        caller's (its place in its tenant's queue). The samples of a request wider than
+        its share (:meth:`Stitcher.defer`) run the same way, part after part, on the
+        version it was admitted on, unless a stop came meanwhile."""
         cont_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
         while indices := stitcher.to_continue():
             self._give_back(claim[0])  # stopped: no share while it waits for resume
             claim[0] = None
+            stopped = flight.interrupt is not None  # else the next part of a wide request
             # A stack's global hold first: the adapter's own state is checked after it.
-            if not (await self._wait_all_released() and await self._wait_for_resume(flight)):
+            if stopped and not (
+                await self._wait_all_released() and await self._wait_for_resume(flight)
+            ):
                 final = stitcher.give_up()
                 if final is not None:
                     yield final
                 return
             flight.interrupt = None
+            if self.share is not None:  # (a cap lowered meanwhile: parts as wide as it)
+                indices = indices[: self.share.widest(flight.name)]
             claim[0] = self._ask_share(flight.name, len(indices), front=True, priority=priority)
             if claim[0] is not None and not claim[0].granted:
                 claim[0] = await self._await_share(claim[0], flight)
-            metrics.CONTINUED.labels(flight.name).inc()
-            self.registry.rebind(flight)
-            self._settle(flight.name)
+            if stopped:
+                metrics.CONTINUED.labels(flight.name).inc()
+                self.registry.rebind(flight)
+                self._settle(flight.name)
             version = flight.version
             prompts = [stitcher.continuation_prompt(g) for g in indices]
             # Continuations keep the caller's external id: vLLM's abort routes by id

@@ -67,8 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--batch",
         type=int,
         default=16,
-        help="samples per step, one request (the fair share refuses more than the "
-        "server's --max-num-seqs, 32, plus 2: raise it with --extra-server-args)",
+        help="samples per step, one request (more than the server's --max-num-seqs, "
+        "32, plus 2 are served in parts: raise it with --extra-server-args)",
     )
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
     p.add_argument("--lr", type=float, default=5e-3)
