@@ -260,11 +260,13 @@ async def test_on_an_adapter_a_request_wider_than_its_share_is_served_in_parts(t
         assert manager.registry.get("B").versions[1].refcount == 0
 
 
-@pytest.mark.parametrize("how", ["abort", "keep"])
+@pytest.mark.parametrize("how", ["abort", "close", "keep", "hold"])
 async def test_between_its_parts_a_wide_request_can_be_aborted_or_paused(tmp_path, how):
     """Its next parts wait for their share at the front of their tenant's queue: an
-    abort ends them (the samples that ran keep their tokens), a keep pause holds them
-    until resume (then it is served whole)."""
+    abort ends them (the samples that ran keep their tokens), as a shutdown does (what
+    runs finishes), a keep pause holds them
+    until resume, a stack's global hold (AReaL's pause) until it is released (then it
+    is served whole)."""
     manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
     share = manager.gate.share
     wide = start(engine, "wide", "B", n=4)
@@ -278,13 +280,26 @@ async def test_between_its_parts_a_wide_request_can_be_aborted_or_paused(tmp_pat
         final = (await wide)[-1]
         assert {c.finish_reason for c in final.outputs} == {"abort"}
         assert [len(c.token_ids) for c in final.outputs] == [1, 1, 0, 0]
+    elif how == "close":  # the server shuts down: what runs ends, no part starts
+        manager.gate.close()
+        await step_until(engine, wide.done)
+        final = (await wide)[-1]
+        assert [c.finish_reason for c in final.outputs] == ["stop", "stop", "abort", "abort"]
+        assert [len(c.token_ids) for c in final.outputs] == [4, 4, 0, 0]
     else:
-        await manager.pause("B", "keep", None)
+        if how == "keep":
+            await manager.pause("B", "keep", None)
+        else:
+            manager.gate.hold_all()
         for _ in range(5):
             engine.step()
             await settle()
         assert not wide.done() and share.tenants["B"].running == 0
-        manager.resume("B")
+        assert engine.engine_core.admitted.count("wide") == 2  # the first part's, no more
+        if how == "keep":
+            manager.resume("B")
+        else:
+            manager.gate.release_all()
         await step_until(engine, wide.done, steps=500)
         final = (await wide)[-1]
         assert [len(c.token_ids) for c in final.outputs] == [4, 4, 4, 4]

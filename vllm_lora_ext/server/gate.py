@@ -666,11 +666,13 @@ class Gate:
         while indices := stitcher.to_continue():
             self._give_back(claim[0])  # stopped: no share while it waits for resume
             claim[0] = None
+            # A stack's global hold first (every part waits for it), then, for samples a
+            # stop left, their adapter's resume.
+            go_on = await self._wait_all_released() and not self.closed
             stopped = flight.interrupt is not None  # else the next part of a wide request
-            # A stack's global hold first: the adapter's own state is checked after it.
-            if stopped and not (
-                await self._wait_all_released() and await self._wait_for_resume(flight)
-            ):
+            if go_on and stopped:
+                go_on = await self._wait_for_resume(flight)
+            if not go_on:
                 final = stitcher.give_up()
                 if final is not None:
                     yield final
