@@ -7,6 +7,7 @@ when aborted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 
@@ -119,6 +120,20 @@ async def test_weights_and_caps_at_run_time_are_listed(client):
             assert {c["finish_reason"] for c in choices} == {"length"}
             assert all(c["lora_versions"][-1]["end"] == 2 for c in choices), choices
             assert wide.json()["usage"]["completion_tokens"] == 2 * n
+        # Streamed: every sample's tokens arrive under its own index, each ends once.
+        stream = {**body, "model": "woof", "n": 5, "stream": True}
+        texts: dict[int, str] = {}
+        ended: list[int] = []
+        async with client.stream("POST", "/v1/completions", json=stream) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                    if c["finish_reason"] is not None:
+                        ended.append(c["index"])
+        assert sorted(ended) == sorted(texts) == list(range(5)), (ended, texts)
         base = await client.post("/v1/completions", json={**body, "model": "toy-base"})
         assert base.status_code == 400, base.text
         assert "at once (34" in base.json()["error"]["message"]
