@@ -277,9 +277,11 @@ class FairShare:
         than its tenant's cap (a cap one request may exceed is none), or than the
         engine's batch (it would hold the whole engine until its last sample ends,
         every other tenant waiting for all of it: vLLM runs its samples as one request
-        each, queued first-come first-served behind one another). Never a continuation
-        (``front``): it was admitted, and a cap lowered while it was stopped lets it run
-        when its tenant has nothing else running."""
+        each, queued first-come first-served behind one another). The gate asks no
+        more than :meth:`widest` for an adapter's request (it serves a wider one in
+        parts): this refuses one on the base model or an adapter it does not continue.
+        Never a continuation (``front``): it was admitted, and a cap lowered while it was
+        stopped lets it run when its tenant has nothing else running."""
         cap = t.max_in_flight
         if cap is not None and slots > cap:
             raise ValueError(
