@@ -14,6 +14,7 @@ from fakes import PROMPT_IDS, FakeEngine, token_at, track, write_adapter
 from vllm.exceptions import GracefulHTTPError
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine import EngineCoreRequest
 
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server.gate import BASE_TENANT
@@ -202,13 +203,13 @@ async def test_on_the_base_model_a_request_no_share_can_hold_is_a_400_and_holds_
     assert (await ok)[-1].finished and share.running == 0
 
 
-def recorded(engine) -> list[tuple[str, int | None]]:
-    """(external id, seed) of every engine request, as they reach the core."""
+def recorded(engine) -> list[EngineCoreRequest]:
+    """Every engine request, as it reaches the core."""
     core, seen = engine.engine_core, []
     add = core.add_request_async
 
     async def recording(request):
-        seen.append((request.external_req_id, request.sampling_params.seed))
+        seen.append(request)
         await add(request)
 
     core.add_request_async = recording
@@ -254,8 +255,8 @@ async def test_on_an_adapter_a_request_wider_than_its_share_is_served_in_parts(t
         assert tokens == dict.fromkeys(range(n), whole), tokens
         assert set(finish.values()) == {"stop"}
         assert 0 < most <= cap
-        assert sorted(seed for _, seed in seen) == [7 + i for i in range(n)], seen
-        assert len(seen) == n and {rid_ for rid_, _ in seen} == {rid}
+        seeds = sorted(r.sampling_params.seed for r in seen)
+        assert seeds == [7 + i for i in range(n)] and {r.external_req_id for r in seen} == {rid}
         assert share.running == 0 and share.waiting == 0
         assert manager.registry.get("B").versions[1].refcount == 0
 
@@ -359,20 +360,14 @@ async def test_under_vllms_priority_policy_a_priority_orders_only_its_tenants_qu
     would). With the share off vLLM's own rule applies: the engine sees it."""
     manager, engine = await make(tmp_path, seqs=1, policy="priority", fair_share=share)
     core = engine.engine_core
-    seen: dict[str, int] = {}
-    add = core.add_request_async
-
-    async def recording(request):
-        seen[request.external_req_id or request.request_id] = request.priority
-        await add(request)
-
-    core.add_request_async = recording
+    requests = recorded(engine)
     tasks = [start(engine, "a0", "A")]
     await settle()
     tasks += [start(engine, "a1", "A"), start(engine, "a2", "A", priority=-5)]
     await settle()
     tasks.append(start(engine, "base", None, priority=-9))
     await step_until(engine, lambda: all(t.done() for t in tasks), steps=500)
+    seen = {r.external_req_id: r.priority for r in requests}
     if share:
         assert seen == {"a0": 0, "a1": 0, "a2": 0, "base": 0}
         order = core.admitted

@@ -121,7 +121,7 @@ class Gate:
         # across every request in the engine: under a fair share a tenant's priority
         # would reach past its own requests (one sending -10**9 is never preempted, the
         # others are). The gate orders each tenant's queue by it; the engine sees 0.
-        scheduler = getattr(engine.vllm_config, "scheduler_config", None)
+        scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
         self._flat_priority = (
             self.share is not None and getattr(scheduler, "policy", None) == "priority"
         )
