@@ -3,6 +3,7 @@ a Ray actor. Each starts its own engine and must leave no engine process behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -80,9 +81,42 @@ def _every_route_needs_the_key_but_the_open_ones(url: str, log: Path) -> None:
                 assert r.status_code != 401, (method, prefix + path)
 
 
+async def _priority_orders_only_its_tenants_queue(url: str) -> None:
+    """Under vLLM's priority policy, one request at a time: while woof's long request
+    runs, meow's request and then the base model's with priority -10 enter the engine's
+    queue (the fair share's headroom). Had the engine seen -10, the base model's would
+    run first; it sees 0, so they run in the order they came."""
+
+    async def ask(c: httpx.AsyncClient, model: str, tokens: int, priority: int = 0) -> str:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True}
+        r = await c.post("/v1/completions", json={**body, "priority": priority})
+        assert r.status_code == 200, r.text
+        return model
+
+    async def running(c: httpx.AsyncClient, tenant: str) -> None:
+        for _ in range(600):  # (the server's state, polled: it lasts while woof runs)
+            listed = {t["tenant"]: t for t in (await c.get("/skyrl/v1/loras")).json()["tenants"]}
+            if listed.get(tenant, {}).get("running"):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{tenant} never ran")
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        long = asyncio.create_task(ask(c, "woof", 1000))
+        await running(c, "woof")
+        first = asyncio.create_task(ask(c, "meow", 100))
+        await running(c, "meow")
+        urgent = asyncio.create_task(ask(c, "toy-base", 100, priority=-10))
+        await running(c, "__base__")
+        assert not long.done()  # both queued in the engine behind it
+        done, _ = await asyncio.wait([first, urgent], return_when=asyncio.FIRST_COMPLETED)
+        assert [t.result() for t in done] == ["meow"]
+        await asyncio.gather(long, first, urgent)
+
+
 def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
     """Stock vLLM's launcher with the plugin, configured from the environment: admin
-    token, allowed roots, metrics."""
+    token, allowed roots, metrics; under vLLM's priority policy, one sequence at a time."""
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()
     shutil.copytree(toy.adapters["woof"], outside)
@@ -96,9 +130,11 @@ def test_plugin_loads_into_stock_vllm_launcher(toy, tmp_path):
         "VLLM_SERVER_DEV_MODE": "1",
     }
     cmd = [*stock_vllm_cmd(toy, port), "--root-path", "/api"]
+    cmd += ["--scheduling-policy", "priority", "--max-num-seqs", "1"]
     server = start_server(cmd, port, tmp_path / "stock.log", env)
     try:
         _smoke(server.url, {"Authorization": "Bearer sekret"})
+        asyncio.run(_priority_orders_only_its_tenants_queue(server.url))
         _every_route_needs_the_key_but_the_open_ones(server.url, tmp_path / "stock.log")
         with httpx.Client(base_url=server.url, timeout=60) as c:
             for token in (None, "Bearer wrong"):
