@@ -184,21 +184,19 @@ async def test_on_the_base_model_a_request_no_share_can_hold_is_a_400_and_holds_
     On an adapter it is served in parts (below); on the base model, which the gate does
     not continue, wider than the tenant's cap or the engine's batch is a 400, with no
     share or engine request left; the tenant's next request, narrow enough, is served."""
-    model = None
-    manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
-    tenant = BASE_TENANT
+    manager, engine = await make(tmp_path, seqs=4)
     manager.configure_tenant(BASE_TENANT, max_in_flight=2)
     share = manager.gate.share
     for n, limit in ((3, "max_in_flight=2"), (5, "the engine runs at once (4")):
         if n == 5:
-            manager.configure_tenant(tenant, max_in_flight=None)
+            manager.configure_tenant(BASE_TENANT, max_in_flight=None)
         with pytest.raises(GracefulHTTPError) as err:
-            await asyncio.wait_for(start(engine, f"wide-{n}", model, n=n), 5)
+            await asyncio.wait_for(start(engine, f"wide-{n}", None, n=n), 5)
         assert err.value.http_status == HTTPStatus.BAD_REQUEST
         assert f"n={n} is more than" in str(err.value) and limit in str(err.value)
         assert share.running == 0 and share.waiting == 0
         assert engine.engine_core.admitted == []
-    ok = start(engine, "ok", model, n=4)  # the whole batch, no more: served
+    ok = start(engine, "ok", None, n=4)  # the whole batch, no more: served
     await step_until(engine, ok.done)
     assert (await ok)[-1].finished and share.running == 0
 
@@ -263,11 +261,10 @@ async def test_on_an_adapter_a_request_wider_than_its_share_is_served_in_parts(t
 
 @pytest.mark.parametrize("how", ["abort", "close", "keep", "hold"])
 async def test_between_its_parts_a_wide_request_can_be_aborted_or_paused(tmp_path, how):
-    """Its next parts wait for their share at the front of their tenant's queue: an
-    abort ends them (the samples that ran keep their tokens), as a shutdown does (what
-    runs finishes), a keep pause holds them
-    until resume, a stack's global hold (AReaL's pause) until it is released (then it
-    is served whole)."""
+    """Its next parts wait for their share at the front of their tenant's queue. An
+    abort ends them (the samples that ran keep their tokens), and so does a shutdown
+    (what runs finishes); a keep pause holds them until resume, a stack's global hold
+    (AReaL's pause) until it is released, and then the request is served whole."""
     manager, engine = await make(tmp_path, seqs=4, tenant_max_in_flight={"B": 2})
     share = manager.gate.share
     wide = start(engine, "wide", "B", n=4)
