@@ -1,8 +1,9 @@
 """The fair share on the real engine: a light tenant's request reaches the engine
 before a flooding tenant's backlog drains, in the order vLLM itself logs requests
 entering the engine ("Added request", ``--enable-log-requests``), not by wall time;
-weights set at run time are listed; the flood's waiting requests give their share back
-when aborted."""
+weights set at run time are listed; a request wider than its share is served in parts
+(on an adapter; a 400 on the base model); the flood's waiting requests give their share
+back when aborted."""
 
 from __future__ import annotations
 
