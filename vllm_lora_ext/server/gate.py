@@ -121,7 +121,7 @@ class Gate:
         # across every request in the engine: under a fair share a tenant's priority
         # would reach past its own requests (one sending -10**9 is never preempted, the
         # others are). The gate orders each tenant's queue by it; the engine sees 0.
-        scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+        scheduler = scheduler_config(engine)
         self._flat_priority = (
             self.share is not None and getattr(scheduler, "policy", None) == "priority"
         )
@@ -748,13 +748,18 @@ def _share_key(tenant: str) -> str:
     return "\x00share:" + tenant
 
 
+def scheduler_config(engine: Any) -> Any:
+    """vLLM's scheduler settings of ``engine`` (its batch, its policy); None if unknown."""
+    return getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+
+
 def fair_share_of(engine: Any, config: LoraExtConfig) -> FairShare | None:
     """The engine's fair share: its batch (``--max-num-seqs``) plus headroom, the
     configured weights and caps, the reserve for arrivals; None when off or the batch
     size is unknown."""
     if not config.fair_share:
         return None
-    scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+    scheduler = scheduler_config(engine)
     seqs = getattr(scheduler, "max_num_seqs", None)
     if not isinstance(seqs, int) or seqs < 1:
         return None
