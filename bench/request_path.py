@@ -312,6 +312,8 @@ def run_set(
     start order changes per set), measure them together, stop them."""
     logs.mkdir(parents=True)
     env = {} if args.no_pin else {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    if args.paired_hash_seed:  # one hash seed for the set's servers, a new one per set
+        env["PYTHONHASHSEED"] = str(1000 * args.seed + number + 1)
     order = [("stock", ""), ("plugin", "lora_ext")] + ([("control", "")] if args.control else [])
     order = order[number % len(order) :] + order[: number % len(order)]
     servers: dict[str, ServerProcess] = {}
@@ -359,6 +361,12 @@ def main() -> None:
         action="store_true",
         help="a second stock server in each set, measured as the plugin is (an A/A "
         "control: the method's own bias)",
+    )
+    p.add_argument(
+        "--paired-hash-seed",
+        action="store_true",
+        help="the servers of a set share one hash seed (drawn per set): the part of a "
+        "process's bias that comes from vLLM's own dicts and sets is then the same on both",
     )
     p.add_argument("--record", type=Path)
     p.add_argument(
