@@ -52,7 +52,6 @@ from vllm_lora_ext.toy.assets import build_toy_assets
 from vllm_lora_ext.toy.server import (
     ServerProcess,
     free_port,
-    start_server,
     stock_vllm_cmd,
     warm_up,
 )
@@ -317,13 +316,23 @@ def run_set(
     order = [("stock", ""), ("plugin", "lora_ext")] + ([("control", "")] if args.control else [])
     order = order[number % len(order) :] + order[: number % len(order)]
     servers: dict[str, ServerProcess] = {}
+    # Started together, on both cores (the previous set pinned this process to one: its
+    # children would inherit that): a set's start-up is most of its time otherwise.
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
     try:
+        ports: set[int] = set()
         for name, plugins in order:
             port = free_port()
-            servers[name] = start_server(
-                engine_args(toy, port), port, logs / f"{name}.log", {**env, "VLLM_PLUGINS": plugins}
+            while port in ports:
+                port = free_port()
+            ports.add(port)
+            env_of = {**os.environ, **env, "VLLM_PLUGINS": plugins}
+            servers[name] = ServerProcess(
+                engine_args(toy, port), env_of, logs / f"{name}.log", port
             )
-            warm_up(servers[name].url, [MODEL])
+        for s in servers.values():
+            s.start()
+            warm_up(s.url, [MODEL])
         if not args.no_pin:
             for s in servers.values():
                 pin(s, api_core=0, engine_core=1)
