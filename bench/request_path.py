@@ -18,7 +18,10 @@ Why it can resolve a few percent on two noisy cores:
   interval of +-0.5 %): so the run starts several sets of fresh servers one after the
   other (``--sets``), and the interval resamples the sets, then each set's rounds.
   ``--control`` adds a second stock server to each set, measured as the plugin is: the
-  method's own bias, shown beside the result;
+  method's own bias, shown beside the result. ``--paired-hash-seed`` gives a set's
+  servers one hash seed (a new one per set): the part of that bias from vLLM's own dicts
+  and sets is then the same on both sides (it halved the sets' spread per request in the
+  one run that compared it, bench/RESULTS.md); the servers of a set start together;
 - each API process is pinned to core 0, its engine's OpenMP threads and the client to
   core 1, so an API process never shares its core with a spinning engine (``--no-pin``
   turns this off); loaded at once, the two API processes share core 0 (so their
@@ -285,6 +288,7 @@ def render(res: dict[str, dict[str, float]], args: argparse.Namespace) -> Table:
         f"a server's rounds. Pinned: {not args.no_pin}. Servers loaded "
         f"{'one after the other' if args.alternate else 'at once'}. "
         + "Fair share on. "
+        + ("A set's servers share one hash seed (one per set). " if args.paired_hash_seed else "")
         + (
             "Control: a second stock server in each set, measured as the plugin is (the "
             "method's own bias: 1.00 within its interval when it has none). "
