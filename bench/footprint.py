@@ -15,10 +15,12 @@ same count within ~30 lines from run to run, in about a minute.
 Phases, each run ``--requests`` times through a minimal ASGI app that makes one
 engine request and answers vLLM's JSON body: ``stock`` (vLLM's ``generate``), ``gate``
 (our gate, fair share on), ``gate, no share`` (fair share off), ``gate + book`` (the
-spans recorded), ``gate + attribution`` (the attribution middleware) and ``served`` (both
-middlewares, as the plugin serves a completion). What it is not: the cost of the HTTP
-server, vLLM's serving layer and the tokenizer, which both paths share; lines here are all
-cold, while in a server the C code stock also runs is often warm.
+spans recorded), ``gate + attribution`` (the endpoint annotated, as ``annotate_routes``
+wraps vLLM's) and ``served`` (that behind the admin guard, as the plugin serves a
+completion). Each phase's endpoint returns a Starlette response the app then sends, as
+FastAPI does. What it is not: the cost of the HTTP server, vLLM's serving layer and the
+tokenizer, which both paths share; lines here are all cold, while in a server the C code
+stock also runs is often warm.
 
 Usage: ``.venv/bin/python bench/footprint.py [--requests 40] [--record bench/RESULTS.md]``.
 """
@@ -78,12 +80,12 @@ async def inner(requests: int) -> None:
     from types import SimpleNamespace
 
     from fakes import FakeEngine, write_adapter
+    from starlette.responses import Response
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     from vllm_lora_ext.config import LoraExtConfig
     from vllm_lora_ext.server import attribution
-    from vllm_lora_ext.server.attribution import AttributionMiddleware
     from vllm_lora_ext.server.auth import AdminGuard
     from vllm_lora_ext.server.manager import LoraManager
 
@@ -101,10 +103,11 @@ async def inner(requests: int) -> None:
         await manager.load("meow", str(write_adapter(tmp / f"meow-{fair_share}")))
         return engine, LoRARequest("meow", 1, "/alias")
 
-    def app_of(engine: FakeEngine, lora: LoRARequest):
-        async def app(scope, receive, send) -> None:
-            rid = scope["rid"]
+    def endpoint_of(engine: FakeEngine, lora: LoRARequest):
+        """A route's endpoint as vLLM's completion endpoint is: it runs the request and
+        returns a JSON response."""
 
+        async def endpoint(rid: str) -> Response:
             async def run() -> list:
                 return [o async for o in engine.generate("p", params, rid, lora_request=lora)]
 
@@ -115,28 +118,34 @@ async def inner(requests: int) -> None:
             outputs = await task
             assert outputs and outputs[-1].finished
             body = BODY.replace(b'"cmpl-0"', f'"{rid[:-2]}"'.encode())
-            headers = [(b"content-length", str(len(body)).encode())]
-            headers.append((b"content-type", b"application/json"))
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            return Response(body, media_type="application/json")
+
+        return endpoint
+
+    def app_of(endpoint):
+        """The app that calls the endpoint and sends its response, as FastAPI does."""
+
+        async def app(scope, receive, send) -> None:
+            response = await endpoint(rid=scope["rid"])
+            await response(scope, receive, send)
 
         return app
 
-    def booked(app):
-        async def run(scope, receive, send) -> None:
+    def booked(endpoint):
+        async def run(rid: str) -> Response:
             with attribution.recording():
-                await app(scope, receive, send)
+                return await endpoint(rid)
 
         return run
 
-    stock, gate, unshared = [await engine_of(f) for f in (None, True, False)]
+    stock, gate, unshared = [endpoint_of(*await engine_of(f)) for f in (None, True, False)]
     apps = {
-        "stock": app_of(*stock),
-        "gate": app_of(*gate),
-        "gate, no share": app_of(*unshared),
-        "gate + book": booked(app_of(*gate)),
-        "gate + attribution": AttributionMiddleware(app_of(*gate)),
-        "served": AdminGuard(AttributionMiddleware(app_of(*gate)), key_of=lambda: None),
+        "stock": app_of(stock),
+        "gate": app_of(gate),
+        "gate, no share": app_of(unshared),
+        "gate + book": app_of(booked(gate)),
+        "gate + attribution": app_of(attribution._annotated(gate)),
+        "served": AdminGuard(app_of(attribution._annotated(gate)), key_of=lambda: None),
     }
     flush, zero = bytearray(FLUSH_BYTES), bytes(FLUSH_BYTES)
     sent: list = []

@@ -396,9 +396,12 @@ def main() -> None:
     else:
         toy = build_toy_assets()
         logs = Path(tempfile.mkdtemp(prefix="request_path_"))
-        runs = [run_set(toy, logs / str(i), args, i) for i in range(args.sets)]
-        (logs / "runs.json").write_text(json.dumps(runs))  # for --pool
-        print(f"per-round values: {logs / 'runs.json'}", flush=True)
+        runs = []
+        for i in range(args.sets):
+            runs.append(run_set(toy, logs / str(i), args, i))
+            # For --pool, after every set: a run stopped early keeps the sets it made.
+            (logs / "runs.json").write_text(json.dumps(runs))
+            print(f"per-round values: {logs / 'runs.json'}", flush=True)
     table = render(summarize(runs, args.seed), args)
     Console().print(table)
     if args.record:

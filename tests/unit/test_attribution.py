@@ -1,5 +1,6 @@
-"""Version attribution: the span book and the middleware that adds it to vLLM's
-completion and chat responses (a tiny Starlette app stands in for vLLM's routes)."""
+"""Version attribution: the span book and the endpoint wrapper that adds it to vLLM's
+completion and chat responses (a tiny FastAPI app stands in for vLLM's routes; vLLM's
+own route table is checked at the end)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,21 @@ import json
 import httpx
 import pytest
 from exploration import SEED, examples
+from fastapi import FastAPI
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 from vllm.entrypoints.openai.chat_completion import protocol as chat
 from vllm.entrypoints.openai.completion import protocol as completion
 from vllm.entrypoints.scale_out.token_in_token_out import protocol as generate
 
 from vllm_lora_ext.server.attribution import (
-    AttributionMiddleware,
+    ATTRIBUTED_PATHS,
     SpanBook,
     _splice,
     annotate_body,
+    annotate_routes,
     current_book,
     recording,
     reencode,
@@ -83,19 +83,26 @@ def test_recording_gives_each_request_its_own_book():
     assert current_book() is None
 
 
-def app() -> Starlette:
+def app() -> FastAPI:
     """A stand-in for vLLM's route: it records spans in the request's book, as the gate
     does inside ``generate``, for the request ids the body names."""
 
     async def completions(request: Request):
         body = await request.json()
+        if body.get("gone"):  # vLLM's with_cancellation: the client left
+            return None
         book = current_book()
         for rid, spans in body.get("record", {}).items():
-            assert book is not None, "the middleware must give every request a book"
+            assert book is not None, "the route must give every request a book"
             book.track(rid, samples(*spans), admitted=spans[0][0][0])
         if body.get("stream"):
             live = samples([(7, 0, 1)])
-            book.track("cmpl-s-0", live, admitted=7)
+
+            def track(rid: str, made: list[Sample]) -> None:
+                # As vLLM runs generate: once the response is being sent.
+                now = current_book()
+                assert now is not None, "a stream must have its book while it is sent"
+                now.track(rid, made, admitted=7)
 
             def chunk(text: str, finish: str | None = None) -> str:
                 end = json.dumps(finish)
@@ -105,6 +112,7 @@ def app() -> Starlette:
 
             async def events():
                 # As the gate records them: the spans grow while the stream runs.
+                track("cmpl-s-0", live)
                 yield chunk("a")
                 live[0].spans[-1].end = 2
                 yield chunk("b")
@@ -122,12 +130,13 @@ def app() -> Starlette:
             async def two_choices():
                 # A chunk of choice 0 that carries choice 1 too (vLLM sends one choice
                 # per chunk; this one must still be read whole, not passed as is).
+                track("cmpl-s-0", live)
                 yield chunk("a")
                 live[0].spans[-1].end = 2
                 yield chunk("b")
                 second = samples([(7, 0, 1)])[0]
                 second.index = 1
-                book.track("cmpl-s-1", [second], admitted=7)
+                track("cmpl-s-1", [second])
                 both = chunk("c")[:-4] + ',{"index":1,"text":"z","finish_reason":null}]}\n\n'
                 yield both
 
@@ -143,16 +152,15 @@ def app() -> Starlette:
             return StreamingResponse(parts(), media_type="application/json")
         return JSONResponse({"id": body["id"], "choices": [{"index": 0, "text": "ab"}]})
 
-    return Starlette(
-        routes=[
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/other", completions, methods=["POST"]),
-        ],
-        middleware=[Middleware(AttributionMiddleware)],
-    )
+    served = FastAPI()
+    served.post("/v1/completions")(completions)
+    served.post("/v1/other")(completions)
+    annotate_routes(served)
+    annotate_routes(served)  # (attached twice: wrapped once)
+    return served
 
 
-async def test_middleware_annotates_json_and_streams_and_leaves_others_alone():
+async def test_routes_annotate_json_and_streams_and_leave_others_alone():
     transport = httpx.ASGITransport(app=app())
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         r = await c.post(
@@ -258,6 +266,37 @@ async def test_routes_that_are_not_annotated_record_nothing():
         assert r.status_code == 200
         with pytest.raises(AssertionError, match="must give every request a book"):
             await c.post("/v1/other", json={"id": "o", "record": {"o": [[(1, 0, 1)]]}})
+
+
+async def test_a_json_response_is_annotated_once_and_a_left_client_gets_nothing_new():
+    """Wrapped once however often the plugin attaches (one lora_versions, not two); an
+    endpoint that returns no response (its client left) is passed through as is."""
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post(
+            "/v1/completions", json={"id": "cmpl-o", "record": {"cmpl-o-0": [[(2, 0, 1)]]}}
+        )
+        assert r.content.count(b"lora_versions") == 1
+        assert r.headers["x-lora-version"] == "2"
+        assert int(r.headers["content-length"]) == len(r.content)
+        gone = await c.post("/v1/completions", json={"gone": True})
+        assert gone.status_code == 200 and gone.json() is None  # FastAPI's answer to None
+
+
+def test_vllms_generation_routes_are_the_ones_annotated():
+    """On vLLM's own app (its build_app, scale-out on), the plugin wraps exactly the
+    routes named in ATTRIBUTED_PATHS: a vLLM that renamed one fails here rather than
+    serving it without attribution."""
+    from fastapi.routing import APIRoute
+    from test_routes import _vllm_app
+
+    app = _vllm_app(None)
+    wrapped = {
+        r.path
+        for r in app.routes
+        if isinstance(r, APIRoute) and hasattr(r.dependant.call, "lora_ext_annotated")
+    }
+    assert wrapped == ATTRIBUTED_PATHS
 
 
 # ---- the splice path: vLLM's own serialization, without parsing ---------------------------

@@ -3,7 +3,7 @@
 An RL trainer needs this for off-policy correction when a continuation spans a swap.
 The gate records, per engine request, the spans of each sample in the book of the HTTP
 request being served (:class:`SpanBook`, one per request, found through a context
-variable); :class:`AttributionMiddleware` adds them to vLLM's own responses:
+variable); :func:`annotate_routes` adds them to vLLM's own responses:
 
 - every choice gets ``lora_versions: [{"version", "start", "end"}]`` (token offsets into
   that choice's completion). In a stream, a chunk carries its choice's spans so far when
@@ -22,13 +22,16 @@ Requests on the base model or on adapters we do not manage are left untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from starlette._utils import get_route_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from vllm_lora_ext.server.continuation import Sample, Span
 
@@ -44,8 +47,8 @@ class SpanBook:
 
     Per request, every object and every line of code is memory the CPU fetches again
     (the path's cost beyond its instructions, bench/RESULTS.md): a record is a tuple,
-    the join cache is made when a response needs one, and the middleware's ``send`` of
-    an annotated response is its book."""
+    the join cache is made when a response needs one, and the ``send`` of an annotated
+    stream is its book."""
 
     __slots__ = ("_records", "_resolved")
 
@@ -269,37 +272,88 @@ class _Kept:
 _KEPT = _Kept()
 
 
-def _set_headers(message: Message, values: dict[bytes, str]) -> None:
-    """Set (replace) headers, named in lower case: one pass over the others (kept as
-    they are; Starlette's names are lower case already)."""
-    headers = []
-    for item in message.get("headers", ()):
+def _set_headers(headers: list[tuple[bytes, bytes]], values: dict[bytes, str]) -> None:
+    """Set (replace) headers in place, named in lower case: one pass over the others
+    (kept as they are; Starlette's names are lower case already)."""
+    kept = []
+    for item in headers:
         key = item[0]
         if (key if key.islower() else key.lower()) not in values:
-            headers.append(item)
+            kept.append(item)
     for name, value in values.items():
-        headers.append((name, value.encode("latin-1")))
-    message["headers"] = headers
+        kept.append((name, value.encode("latin-1")))
+    headers[:] = kept
 
 
-class AttributionMiddleware:
-    """Pure ASGI (no buffering of other routes; streams stay streams)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not (  # an annotated route (as routed: --root-path aware)
-            scope["type"] == "http"
-            and scope.get("method") == "POST"
-            and get_route_path(scope) in ATTRIBUTED_PATHS
+def annotate_routes(app: FastAPI) -> None:
+    """Annotate the responses of vLLM's generation routes: each route's endpoint is
+    wrapped where FastAPI calls it (``route.dependant.call``), once. Not a middleware:
+    a layer on every request's way through the app cost each one more than the
+    annotation itself (bench/RESULTS.md); routed paths, so ``--root-path`` is moot."""
+    for route in app.routes:
+        if (
+            isinstance(route, APIRoute)
+            and route.path in ATTRIBUTED_PATHS
+            and "POST" in route.methods
+            and route.dependant.call is not None
+            and not hasattr(route.dependant.call, "lora_ext_annotated")
         ):
-            await self.app(scope, receive, send)
-            return
-        book = _Annotating(send)
+            route.dependant.call = _annotated(route.dependant.call)
+
+
+def _annotated(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(call)
+    async def endpoint(**values: Any) -> Any:
+        """The endpoint with a book of its own: a whole JSON response is annotated
+        here; a stream (any response sent later) through :class:`_Sent`."""
+        book = SpanBook()
         token = _BOOK.set(book)  # as recording() does, without a generator per request
         try:
-            await self.app(scope, receive, book.send)
+            response = await call(**values)
+        finally:
+            _BOOK.reset(token)
+        if not isinstance(response, Response):  # (None: vLLM saw the client leave)
+            return response
+        body = response.__dict__.get("body")  # a StreamingResponse has none
+        if body is None:
+            return _Sent(response, book)
+        if not book._records:  # the base model, an adapter we do not manage
+            return response
+        mode = _mode(response.status_code, response.raw_headers)
+        if mode == "sse":  # (a whole stream in one body)
+            return _Sent(response, book)
+        if mode == "json":
+            out, version, _ = annotate_body(body, book)
+            headers = {b"content-length": str(len(out))}
+            if version is not None:
+                headers[_VERSION_KEY] = str(version)
+            response.body = out
+            _set_headers(response.raw_headers, headers)
+        return response
+
+    endpoint.lora_ext_annotated = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+class _Sent(Response):
+    """A response whose body is made as it is sent (a stream): sent through an
+    annotating book, current meanwhile (the gate records into it as the body runs),
+    that continues the endpoint's."""
+
+    def __init__(self, response: Response, book: SpanBook) -> None:
+        self.response = response
+        self.book = book
+        self.status_code = response.status_code
+        self.raw_headers = response.raw_headers
+        self.background = response.background  # FastAPI sets it when None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.response
+        response.background = self.background
+        book = _Annotating(send, self.book._records)
+        token = _BOOK.set(book)
+        try:
+            await response(scope, receive, book.send)
         finally:
             _BOOK.reset(token)
 
@@ -325,8 +379,9 @@ class _Annotating(SpanBook):
         "tail",
     )
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, records: dict[str, tuple[int, Sequence[Sample]]]) -> None:
         SpanBook.__init__(self)  # (not super(): one object fewer per request)
+        self._records = records  # the endpoint's book's, shared: one request's
         self._send = send
         self.start: Message | None = None  # held back until the body decides the headers
         self.mode = "pass"  # "json", "sse" or "pass"
@@ -361,12 +416,13 @@ class _Annotating(SpanBook):
                 return self._send(message)
         kind = message["type"]
         if kind == "http.response.start":
-            self.mode = _mode(message)
+            self.mode = _mode(message.get("status", 0), message.get("headers", ()))
             if self.mode == "pass":
                 return self._send(message)
             if self.mode == "sse":
                 self.sent = {}
-            self.start = message
+            # Its headers are set before it leaves (a list of ours: set in place).
+            self.start = {**message, "headers": list(message.get("headers", ()))}
             return _KEPT
         if kind != "http.response.body" or self.mode == "pass":
             return self._send(message)
@@ -388,7 +444,7 @@ class _Annotating(SpanBook):
         values = {b"content-length": str(len(out))}
         if version is not None:
             values[_VERSION_KEY] = str(version)
-        _set_headers(self.start, values)
+        _set_headers(self.start["headers"], values)
         await self._send(self.start)
         await self._send({"type": "http.response.body", "body": out, "more_body": False})
 
@@ -425,7 +481,7 @@ class _Annotating(SpanBook):
         if self.start is not None:
             admitted = self.admitted(self.response_id) if self.response_id else None
             if admitted is not None:
-                _set_headers(self.start, {_VERSION_KEY: str(admitted)})
+                _set_headers(self.start["headers"], {_VERSION_KEY: str(admitted)})
             await self._send(self.start)
             self.start = None
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
@@ -458,11 +514,12 @@ _JSON = b"application/json"
 _SSE = b"text/event-stream"
 
 
-def _mode(start: Message) -> str:
-    if start.get("status") != 200:
+def _mode(status: int, headers: Any) -> str:
+    """How a response is annotated: "json" whole, "sse" event by event, or "pass"."""
+    if status != 200:
         return "pass"
     ctype = b""
-    for key, value in start.get("headers", ()):
+    for key, value in headers:
         # Starlette's names are lower case already (others of its length are lowered)
         if key == _CONTENT_TYPE or (
             len(key) == len(_CONTENT_TYPE) and key.lower() == _CONTENT_TYPE

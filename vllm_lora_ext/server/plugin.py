@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 from vllm_lora_ext import compat
 from vllm_lora_ext.config import LoraExtConfig
 from vllm_lora_ext.server import stacks
-from vllm_lora_ext.server.attribution import AttributionMiddleware
+from vllm_lora_ext.server.attribution import annotate_routes
 from vllm_lora_ext.server.auth import AdminGuard
 from vllm_lora_ext.server.manager import LoraManager
 from vllm_lora_ext.server.routes import router
@@ -55,11 +55,11 @@ class LoraExtPlugin:
         app.include_router(router)
         stacks.attach(app, self.settings.stack_routes)
         take_over_abort_route(app)
-        if not any(m.cls is AttributionMiddleware for m in app.user_middleware):
+        annotate_routes(app)  # vLLM's routes are there: plugins attach after them
+        if not any(m.cls is AdminGuard for m in app.user_middleware):
             # vLLM's build_app may already have built the stack (Starlette then refuses
             # add_middleware); registering and dropping the built stack rebuilds it on
             # the first request, before any is served.
-            app.user_middleware.insert(0, Middleware(AttributionMiddleware))
             app.user_middleware.insert(0, Middleware(AdminGuard, key_of=self.admin_key))
             app.middleware_stack = None
 
