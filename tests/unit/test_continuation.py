@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from exploration import SEED, announce, examples
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_lora_ext.server.continuation import Stitcher
+
+_STEP = st.tuples(
+    st.lists(st.integers(4, 99), max_size=3),  # the tokens an output adds (maybe none)
+    st.booleans(),  # with a cumulative logprob
+    st.sampled_from([None, None, None, "length", "stop", "abort"]),
+    st.booleans(),  # an abort is a keep-mode stop
+)
 
 PROMPT = [1, 2, 3]
 
@@ -148,3 +160,68 @@ def compat_span():
     if span is None:
         pytest.skip("this vLLM has no weight-version spans")
     return span
+
+
+class _GeneralOnly(Stitcher):
+    """Never takes absorb's fast path (the stream's steady state): the reference."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _open(s, version):
+        return False
+
+
+def _view(o: RequestOutput | None, given: RequestOutput) -> object:
+    if o is None or o is given:
+        return o is given
+    return [(c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs]
+
+
+@settings(max_examples=examples(local=300), deadline=None, derandomize=False)
+@seed(SEED)
+@given(kind=st.sampled_from(list(RequestOutputKind)), script=st.lists(_STEP, max_size=12))
+def _fast_path_matches_the_general_one(kind, script):
+    fast, ref = (
+        Stitcher("r", params(kind, max_tokens=20)),
+        _GeneralOnly("r", params(kind, max_tokens=20)),
+    )
+    index, version = None, 1
+    for tokens, cumulative, finish, keep in script:
+        outs = [out(tokens, finish) for _ in range(2)]
+        if not cumulative:
+            for o in outs:
+                o.outputs[0].cumulative_logprob = None
+        seen = [
+            sti.absorb(o, index, version, keep) for sti, o in zip((fast, ref), outs, strict=True)
+        ]
+        assert _view(seen[0], outs[0]) == _view(seen[1], outs[1])
+        assert fast.added == ref.added and fast.stopped == ref.stopped
+        assert [dataclasses.asdict(x) for x in fast.samples] == [
+            dataclasses.asdict(x) for x in ref.samples
+        ]
+        if finish is not None:
+            if not fast.to_continue():
+                return  # the request ended
+            fast.start_segment([0])
+            ref.start_segment([0])
+            index, version = 0, version + 1  # continued: a segment of a later version
+
+
+def test_a_streams_fast_path_leaves_what_the_general_path_leaves():
+    """absorb's fast path (a one-sample delta stream's outputs between its first and its
+    finish) against the general path alone, over random streams: keep-mode stops,
+    continuations, outputs with no token, with and without logprobs."""
+    announce()
+    _fast_path_matches_the_general_one()
+
+
+def test_a_stream_takes_the_fast_path_between_first_output_and_finish():
+    st_ = Stitcher("r", params(RequestOutputKind.DELTA))
+    st_.absorb(out([10]), None, 1, False)
+    assert st_._flowing
+    o = out([11])
+    assert st_.absorb(o, None, 1, False) is o and st_.added == 1
+    assert [(sp.version, sp.start, sp.end) for sp in st_.samples[0].spans] == [(1, 0, 2)]
+    st_.absorb(out([12], finish="abort"), None, 1, True)
+    assert not st_._flowing and st_.to_continue() == [0]

@@ -86,6 +86,7 @@ class Stitcher:
         "_asked",
         "_delta",
         "_emitted",
+        "_flowing",
         "_params",
         "_why",
         "added",
@@ -115,6 +116,9 @@ class Stitcher:
         self.num_cached_tokens: int | None = None
         self.first: RequestOutput | None = None
         self._emitted = False
+        # The first segment of a one-sample delta stream is under way, its sample's last
+        # span open: an output with no finish only extends it (absorb's fast path).
+        self._flowing = False
         # A sample was stopped to continue (so the caller sees outputs of ours).
         self.stopped = False
         self._params = params
@@ -186,6 +190,21 @@ class Stitcher:
 
         ``continuing``: an ``abort`` finish is a keep-mode interruption, not an end.
         """
+        outputs = out.outputs
+        if self._flowing and index is None and len(outputs) == 1:
+            # Most of a stream: one token more, no finish. The general path below would
+            # do exactly this (the sample's last span is open, nothing is rewritten).
+            c = outputs[0]
+            if c.finish_reason is None:
+                s = self.samples[0]
+                made = c.token_ids
+                s.token_ids += made
+                s.spans[-1].end += len(made)
+                if c.cumulative_logprob is not None:  # (the first segment's base is 0)
+                    s.cumulative_logprob = c.cumulative_logprob
+                self.added = len(made)
+                return out
+        self._flowing = False
         added = 0
         if self.first is None:
             self.first = out
@@ -198,7 +217,7 @@ class Stitcher:
             added = len(self.prompt_token_ids or ())
         rewritten = False  # a finish reason the caller must see differently
         delta = self._delta
-        for c in out.outputs:
+        for c in outputs:
             s = self.samples[c.index if index is None else index]
             ids = s.token_ids  # changed in place, never replaced
             before = len(ids)
@@ -248,12 +267,26 @@ class Stitcher:
             # Nothing was stopped: the engine's own output is exactly what the caller
             # would have seen without us (all its fields kept, nothing rebuilt).
             self._emitted = True
+            if delta and len(self.samples) == 1:
+                self._flowing = self._open(self.samples[0], version)
             return out
         shown = [
             self._view(self.samples[c.index if index is None else index], c, c.token_ids)
             for c in out.outputs
         ]
         return self._emit([c for c in shown if c is not None])
+
+    @staticmethod
+    def _open(s: Sample, version: int) -> bool:
+        """Whether ``s``'s tokens so far end in a span of ``version`` (the next ones
+        extend it) and it has not finished."""
+        spans = s.spans
+        return (
+            bool(spans)
+            and spans[-1].version == version
+            and spans[-1].end == len(s.token_ids)
+            and s.finish_reason is None
+        )
 
     def give_up(self) -> RequestOutput | None:
         """End every interrupted sample with ``abort`` (resume never came)."""
