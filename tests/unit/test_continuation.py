@@ -19,6 +19,7 @@ _STEP = st.tuples(
     st.booleans(),  # with a cumulative logprob
     st.sampled_from([None, None, None, "length", "stop", "abort"]),
     st.booleans(),  # an abort is a keep-mode stop
+    st.booleans(),  # with logprobs
 )
 
 PROMPT = [1, 2, 3]
@@ -163,13 +164,24 @@ def compat_span():
 
 
 class _GeneralOnly(Stitcher):
-    """Never takes absorb's fast path (the stream's steady state): the reference."""
+    """Never takes absorb's fast paths (a stream's steady state, a request's only
+    output): the reference."""
 
     __slots__ = ()
+    _at_once = False
 
     @staticmethod
     def _open(s, version):
         return False
+
+
+def _prompt_of(s: Stitcher) -> tuple:
+    first = s.first and (s.first.request_id, s.first.finished)
+    return first, s.prompt, s.prompt_token_ids, s.prompt_logprobs, s.num_cached_tokens
+
+
+def _ended(s: Stitcher) -> list:
+    return [(x.spans, x.finish_reason, x.done) for x in s.samples] + [s.done]
 
 
 def _view(o: RequestOutput | None, given: RequestOutput) -> object:
@@ -187,31 +199,40 @@ def _fast_path_matches_the_general_one(kind, script):
         _GeneralOnly("r", params(kind, max_tokens=20)),
     )
     index, version = None, 1
-    for tokens, cumulative, finish, keep in script:
+    for tokens, cumulative, finish, keep, logprobs in script:
         outs = [out(tokens, finish) for _ in range(2)]
-        if not cumulative:
-            for o in outs:
+        for o in outs:
+            o.num_cached_tokens = 2
+            if not cumulative:
                 o.outputs[0].cumulative_logprob = None
+            if not logprobs:
+                o.outputs[0].logprobs = None
         seen = [
             sti.absorb(o, index, version, keep) for sti, o in zip((fast, ref), outs, strict=True)
         ]
         assert _view(seen[0], outs[0]) == _view(seen[1], outs[1])
         assert fast.added == ref.added and fast.stopped == ref.stopped
+        assert fast.to_continue() == ref.to_continue()
+        if finish is not None and not ref.to_continue():
+            # The request ended: what is read of it from now on (attribution's spans,
+            # the finish) is the same.
+            assert _ended(fast) == _ended(ref)
+            return
         assert [dataclasses.asdict(x) for x in fast.samples] == [
             dataclasses.asdict(x) for x in ref.samples
         ]
+        assert _prompt_of(fast) == _prompt_of(ref)
         if finish is not None:
-            if not fast.to_continue():
-                return  # the request ended
             fast.start_segment([0])
             ref.start_segment([0])
             index, version = 0, version + 1  # continued: a segment of a later version
 
 
-def test_a_streams_fast_path_leaves_what_the_general_path_leaves():
-    """absorb's fast path (a one-sample delta stream's outputs between its first and its
-    finish) against the general path alone, over random streams: keep-mode stops,
-    continuations, outputs with no token, with and without logprobs."""
+def test_absorbs_fast_paths_leave_what_the_general_path_leaves():
+    """absorb's fast paths (a one-sample delta stream's outputs between its first and its
+    finish; a request's only output, final) against the general path alone, over random
+    streams of every output kind: keep-mode stops, continuations, outputs with no token,
+    with and without logprobs and cumulative logprobs."""
     announce()
     _fast_path_matches_the_general_one()
 
@@ -225,3 +246,16 @@ def test_a_stream_takes_the_fast_path_between_first_output_and_finish():
     assert [(sp.version, sp.start, sp.end) for sp in st_.samples[0].spans] == [(1, 0, 2)]
     st_.absorb(out([12], finish="abort"), None, 1, True)
     assert not st_._flowing and st_.to_continue() == [0]
+
+
+def test_a_requests_only_output_takes_one_step_when_final():
+    st_ = Stitcher("r", params(RequestOutputKind.FINAL_ONLY))
+    o = out([10, 11], finish="length")
+    assert st_.absorb(o, None, 3, False) is o and st_.added == len(PROMPT) + 2
+    s = st_.samples[0]
+    assert s.finish_reason == "length" and st_.done and not st_.stopped
+    assert [(sp.version, sp.start, sp.end) for sp in s.spans] == [(3, 0, 2)]
+    # A keep-mode stop is not final: the general path takes it (to be continued).
+    st_ = Stitcher("r", params(RequestOutputKind.FINAL_ONLY))
+    assert st_.absorb(out([10], finish="abort"), None, 1, True) is None
+    assert st_.to_continue() == [0]

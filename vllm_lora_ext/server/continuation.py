@@ -103,6 +103,10 @@ class Stitcher:
         "stopped",
     )
 
+    # absorb takes a one-sample request's only output, when final, in one step (off in
+    # tests that check it against the general path).
+    _at_once = True
+
     def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
         self.kind = params.output_kind
@@ -203,6 +207,24 @@ class Stitcher:
                 if c.cumulative_logprob is not None:  # (the first segment's base is 0)
                     s.cumulative_logprob = c.cumulative_logprob
                 self.added = len(made)
+                return out
+        if self.first is None and index is None and len(outputs) == 1 and self._at_once:
+            # Most requests that are not streamed: one output, final, one sample. It is
+            # the caller's as it is, and nothing reads the stitcher after it but the
+            # sample's spans (attribution), its finish and ``added``: only those are kept.
+            c = outputs[0]
+            finish = c.finish_reason
+            if (
+                finish is not None
+                and (finish != ABORT or not continuing)
+                and len(self.samples) == 1
+            ):
+                s = self.samples[0]
+                made = len(c.token_ids)
+                if made:
+                    s.spans.append(Span(version, 0, made))
+                s.finish_reason = finish
+                self.added = len(out.prompt_token_ids or ()) + made
                 return out
         self._flowing = False
         added = 0
