@@ -23,6 +23,7 @@ from vllm_lora_ext.server.attribution import (
     ATTRIBUTED_PATHS,
     SpanBook,
     _splice,
+    _splice_one,
     annotate_body,
     annotate_routes,
     current_book,
@@ -370,21 +371,33 @@ def vllm_body(draw) -> tuple[bytes, str]:
     body=vllm_body(),
     spans=st.lists(st.lists(st.integers(1, 9), min_size=1), max_size=3),
     prior=st.integers(0, 3),
+    named=st.sampled_from(["response", "prompt", "other"]),
 )
-def test_the_splice_annotates_exactly_as_parsing_does(body, spans, prior):
+def test_the_splice_annotates_exactly_as_parsing_does(body, spans, prior, named):
     """Byte-spliced annotations equal what parsing and re-encoding gives, for vLLM's
     own chunks and responses (text that looks like the keys included); single-choice
     bodies take the splice, others the parser. In a stream (``sent``: the spans count
-    each choice was last annotated with), both skip the same chunks."""
+    each choice was last annotated with), both skip the same chunks. A response of one
+    engine request of one sample (named as a chat's, or a completion prompt's
+    ``<id>-0``) takes the one-sample splice, with the same result; a book of another
+    request's leaves the body as it is."""
     raw, rid = body
     book = SpanBook()
     if spans:  # the request is ours: per choice, versions in order
         per = [[(v, i, i + 1) for i, v in enumerate(sorted(vs))] for vs in spans]
-        book.track(rid, samples(*per), admitted=per[0][0][0])
+        name = {"response": rid, "prompt": f"{rid}-0", "other": f"{rid}-1"}[named]
+        book.track(name, samples(*per), admitted=per[0][0][0])
     out, version, got_rid = annotate_body(raw, book)
     slow, slow_version, slow_rid = reencode(raw, book)
     assert json.loads(out) == json.loads(slow)
     assert (version, got_rid) == (slow_version, slow_rid)
+    one = _splice_one(raw, book)
+    if one is not None:
+        assert json.loads(one[0]) == json.loads(out) and one[1] == version
+    elif len(spans) == 1 and named != "other" and b'"choices":[{"index":0,' in raw:
+        assert (
+            not raw.startswith(b'{"id":"') or '"' in rid or "\\" in rid
+        )  # any other body of vLLM's takes it
     if version is None:
         assert out == raw  # not ours (or nothing to add): vLLM's bytes as they were
     if raw.count(b'"index":') <= 1 and '"' not in rid and "\\" not in rid:

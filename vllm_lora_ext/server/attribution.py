@@ -254,6 +254,36 @@ def _splice(
     return raw[:end] + _spans_bytes(spans_of) + raw[end:], version, rid
 
 
+_ID_KEY = _ID_KEYS[0]
+_FIRST = b"0,"  # the first choice's index, and more keys after it
+
+
+def _splice_one(raw: bytes, book: SpanBook) -> tuple[bytes, int] | None:
+    """(annotated body, final version) for the most common response: the whole JSON
+    body of an HTTP request that made one engine request of one sample (one prompt,
+    n=1), named as vLLM names it (the engine request's id, less its ``-0`` for a
+    completion). Its choice is that sample's, so only the choice's index is looked for:
+    nothing is decoded and no second choice searched for (an ``"index":`` after it is
+    inside it: a tool call's). None when the body is not of that shape: :func:`_splice`
+    and the parser decide, as before."""
+    for rid, (admitted, samples) in book._records.items():  # the only one
+        if len(samples) != 1 or raw[:7] != _ID_KEY:
+            return None
+        name = rid.encode()
+        if name[-2:] == b"-0":  # a completion's: "<response id>-<prompt>"
+            name = name[:-2]
+        if raw[7 : 8 + len(name)] != name + b'"':
+            return None
+        head, key, _ = raw.partition(_CHOICE_KEY)
+        at = len(head) + len(key)
+        if not key or raw[at : at + 2] != _FIRST:
+            return None
+        spans = samples[0].spans
+        version = spans[-1].version if spans else admitted
+        return raw[: at + 1] + _spans_bytes(spans) + raw[at + 1 :], version
+    return None
+
+
 def _response_id(body: dict[str, Any]) -> Any:
     """OpenAI responses name it ``id``; vLLM's token-in/token-out ``request_id``."""
     return body.get("id") or body.get("request_id")
@@ -317,18 +347,36 @@ def _annotated(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         body = response.__dict__.get("body")  # a StreamingResponse has none
         if body is None:
             return _Sent(response, book)
-        if not book._records:  # the base model, an adapter we do not manage
+        records = book._records
+        if not records:  # the base model, an adapter we do not manage
             return response
-        mode = _mode(response.status_code, response.raw_headers)
+        raw_headers = response.raw_headers
+        if (
+            len(records) == 1
+            and len(raw_headers) == 2
+            and raw_headers[0][0] == _CONTENT_LENGTH
+            and raw_headers[1][0] == _CONTENT_TYPE
+            and raw_headers[1][1][: len(_JSON)] == _JSON
+            and response.status_code == 200
+        ):
+            # Most responses: vLLM's JSONResponse of one engine request, with the
+            # headers Starlette gave it (its length, its type), annotated in one step.
+            one = _splice_one(body, book)
+            if one is not None:
+                response.body, version = one
+                raw_headers[0] = (_CONTENT_LENGTH, str(len(response.body)).encode())
+                raw_headers.append((_VERSION_KEY, str(version).encode()))
+                return response
+        mode = _mode(response.status_code, raw_headers)
         if mode == "sse":  # (a whole stream in one body)
             return _Sent(response, book)
         if mode == "json":
             out, version, _ = annotate_body(body, book)
-            headers = {b"content-length": str(len(out))}
+            headers = {_CONTENT_LENGTH: str(len(out))}
             if version is not None:
                 headers[_VERSION_KEY] = str(version)
             response.body = out
-            _set_headers(response.raw_headers, headers)
+            _set_headers(raw_headers, headers)
         return response
 
     endpoint.lora_ext_annotated = True  # type: ignore[attr-defined]
@@ -441,7 +489,7 @@ class _Annotating(SpanBook):
             body = b"".join(self.chunks)
         out, version, _ = annotate_body(body, self)
         assert self.start is not None
-        values = {b"content-length": str(len(out))}
+        values = {_CONTENT_LENGTH: str(len(out))}
         if version is not None:
             values[_VERSION_KEY] = str(version)
         _set_headers(self.start["headers"], values)
@@ -510,6 +558,7 @@ class _Annotating(SpanBook):
 
 
 _CONTENT_TYPE = b"content-type"
+_CONTENT_LENGTH = b"content-length"
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
 

@@ -20,6 +20,7 @@ from vllm_lora_ext.compat import (
 )
 
 ABORT = "abort"
+_UNASKED = object()  # Stitcher.not_continuable not worked out yet
 
 
 @dataclass(slots=True)
@@ -83,7 +84,6 @@ class Stitcher:
     # One per request, alive while it runs: slotted (no attribute dict to allocate,
     # and less for the garbage collector to traverse while requests are in flight).
     __slots__ = (
-        "_asked",
         "_delta",
         "_emitted",
         "_flowing",
@@ -91,9 +91,6 @@ class Stitcher:
         "_why",
         "added",
         "first",
-        "kind",
-        "max_tokens",
-        "min_tokens",
         "num_cached_tokens",
         "prompt",
         "prompt_logprobs",
@@ -109,10 +106,7 @@ class Stitcher:
 
     def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
-        self.kind = params.output_kind
-        self._delta = self.kind == RequestOutputKind.DELTA
-        self.max_tokens = params.max_tokens
-        self.min_tokens = params.min_tokens
+        self._delta = params.output_kind == RequestOutputKind.DELTA
         self.samples = [Sample(0)] if params.n == 1 else [Sample(i) for i in range(params.n)]
         self.prompt: str | None = None
         self.prompt_token_ids: list[int] | None = None
@@ -129,16 +123,19 @@ class Stitcher:
         # Tokens the last output absorbed added (the prompt's too, on the first): what
         # the request's tenant is charged for it, counted here rather than again.
         self.added = 0
-        self._asked = False  # whether not_continuable was worked out (in _why)
-        self._why: str | None = None
+        self._why: str | object | None = _UNASKED  # see not_continuable
 
     @property
     def not_continuable(self) -> str | None:
         """Why this request is not continued exactly (stop strings, penalties,
         grammars...): it then ends partial. Asked only when a segment is stopped."""
-        if not self._asked:
-            self._why, self._asked = continuable.of_params(self._params), True
-        return self._why
+        if self._why is _UNASKED:
+            self._why = continuable.of_params(self._params)
+        return self._why  # type: ignore[return-value]
+
+    @property
+    def kind(self) -> RequestOutputKind:
+        return self._params.output_kind
 
     # ---- segments -----------------------------------------------------------------
     def defer(self, first: int) -> None:
@@ -161,9 +158,10 @@ class Stitcher:
         return all(s.done for s in self.samples)
 
     def remaining(self, index: int) -> int | None:
-        if self.max_tokens is None:
+        max_tokens = self._params.max_tokens
+        if max_tokens is None:
             return None
-        return self.max_tokens - len(self.samples[index].token_ids)
+        return max_tokens - len(self.samples[index].token_ids)
 
     def continuation_prompt(self, index: int) -> list[int]:
         if self.prompt_token_ids is None:
@@ -175,7 +173,9 @@ class Stitcher:
         cont = params.clone()
         cont.n = 1
         cont.max_tokens = self.remaining(index)
-        cont.min_tokens = max(0, (self.min_tokens or 0) - len(self.samples[index].token_ids))
+        cont.min_tokens = max(
+            0, (self._params.min_tokens or 0) - len(self.samples[index].token_ids)
+        )
         cont.prompt_logprobs = None
         cont.truncate_prompt_tokens = None
         made = len(self.samples[index].token_ids)

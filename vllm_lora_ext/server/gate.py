@@ -586,18 +586,23 @@ class Gate:
     # ---- segments -----------------------------------------------------------------
     def _link(self, seg: _Segment, internal_id: str, n: int) -> None:
         seg.internal_id = internal_id
-        # Known before the parent exists and after an abort emptied it.
-        if n > 1:
+        flight = seg.flight
+        flight.segments.add(internal_id)
+        self._by_segment[internal_id] = flight
+        if n > 1:  # known before the parent exists and after an abort emptied it
             seg.children = tuple(compat.child_request_id(internal_id, i) for i in range(n))
-        for rid in (internal_id, *seg.children):
-            seg.flight.segments.add(rid)
-            self._by_segment[rid] = seg.flight
+            for rid in seg.children:
+                flight.segments.add(rid)
+                self._by_segment[rid] = flight
 
     def _unlink(self, seg: _Segment) -> None:
-        for rid in (seg.internal_id, *seg.children):
-            if rid is not None:
-                seg.flight.segments.discard(rid)
-                self._by_segment.pop(rid, None)
+        rid, flight = seg.internal_id, seg.flight
+        if rid is not None:
+            flight.segments.discard(rid)
+            self._by_segment.pop(rid, None)
+        for rid in seg.children:
+            flight.segments.discard(rid)
+            self._by_segment.pop(rid, None)
 
     async def _register(
         self, seg: _Segment, prompt: Any, params: SamplingParams, request_id: str, kwargs: dict
