@@ -35,7 +35,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from instructions import control, totals, valgrind_cmd
 from results import record
@@ -73,9 +75,9 @@ BODY = json.dumps(
 ).encode()
 
 
-async def inner(requests: int) -> None:
-    """The measured process: every phase's app, warmed, then each phase's requests with
-    the caches flushed before each one, dumped per phase."""
+async def phases() -> tuple[dict[str, Any], Callable[[str], Awaitable[None]]]:
+    """Every phase's app, and ``one(name)``: one request through that phase's app (a
+    1-token completion on the fake engine, answered with vLLM's JSON body)."""
     sys.path.insert(0, str(ROOT / "tests" / "unit"))
     from types import SimpleNamespace
 
@@ -147,7 +149,6 @@ async def inner(requests: int) -> None:
         "gate + attribution": app_of(attribution._annotated(gate)),
         "served": AdminGuard(app_of(attribution._annotated(gate)), key_of=lambda: None),
     }
-    flush, zero = bytearray(FLUSH_BYTES), bytes(FLUSH_BYTES)
     sent: list = []
     counter = iter(range(10**9))
 
@@ -157,27 +158,33 @@ async def inner(requests: int) -> None:
     async def receive() -> dict:
         return {"type": "http.request", "body": b""}
 
-    async def one(name: str, cold: bool) -> None:
-        if cold:
-            flush[:] = zero
-        if name == "flush":  # the flush alone: what every phase's count includes
-            return
+    async def one(name: str) -> None:
         rid = f"cmpl-{next(counter):012d}-0"
         scope = {"type": "http", "method": "POST", "path": "/v1/completions", "rid": rid}
         scope |= {"root_path": "", "headers": []}
         await apps[name](scope, receive, send)
         sent.clear()
 
+    return apps, one
+
+
+async def inner(requests: int) -> None:
+    """The measured process: every phase's app, warmed, then each phase's requests with
+    the caches flushed before each one, dumped per phase."""
+    _, one = await phases()
+    flush, zero = bytearray(FLUSH_BYTES), bytes(FLUSH_BYTES)
     for _ in range(50):  # first requests pay one-off costs (specialization, caches)
         for name in PHASES:
-            await one(name, False)
+            await one(name)
     gc.collect()
     gc.disable()  # a collection lands in one phase or another
     for name in ("flush", *PHASES):
         control(os.getpid(), "--zero")
         control(os.getpid(), "--instr=on")
         for _ in range(requests):
-            await one(name, True)
+            flush[:] = zero
+            if name != "flush":  # the flush alone: what every phase's count includes
+                await one(name)
         control(os.getpid(), "--instr=off")
         control(os.getpid(), f"--dump={name}")
         await asyncio.sleep(1)  # the dump is written by this process, as it runs on
