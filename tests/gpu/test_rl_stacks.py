@@ -187,7 +187,7 @@ async def test_inplace_reload_through_vllms_route_has_fresh_load_logprobs(client
     prompt = " ".join(["the cat says hello to the dog and the cow"] * 6)
     try:
         await v1_load(client, "inplace", ckpt)
-        # A name's versions never restart (an earlier test may have used this name).
+        # A reloaded name continues its numbering (test_swaps also loads "inplace").
         first = (await loras(client))["inplace"]["version"]
         for _ in range(2):  # the second hits the prefix cache with meow's weights
             await first_token_logprob(client, "inplace", prompt)
