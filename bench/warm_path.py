@@ -12,8 +12,8 @@ bytes scans cost 8 us warm (bench/RESULTS.md).
 
 Rounds of ``--requests`` requests per phase, the phases interleaved, ``--rounds``
 times; per phase the median round (CPU time of this process), and its difference from
-stock's. Two runs of the same code read up to ~8 us apart (this session: +60 and +68
-us served over stock on one commit, by an earlier probe and by this script): compare
+stock's. Two runs of the same code read up to ~8 us apart (c9ab8d8 read +60 and
++68 us served over stock, by an earlier probe and by this script): compare
 commits in one sitting, several runs each.
 
 Usage: ``.venv/bin/python bench/warm_path.py [--rounds 30 --requests 300]
